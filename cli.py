@@ -1,0 +1,33 @@
+"""Command line: ``python cli.py {fit,validate,test} --config configs/<experiment>.yaml``.
+
+LightningCLI builds the model, the data module and the trainer from the YAML; every constructor
+argument is a knob (``python cli.py fit --help``) that the command line can override, e.g.
+``--model.objective=CosineSoftmax --model.objective.temperature=0.03``.
+"""
+
+from lightning.pytorch.cli import LightningCLI
+
+from datamodules import FFCVImageDataModule
+from lightning_modules import ObjectiveClassifier
+
+
+class TransferStudyCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # What only the data knows sets the model: classes, and the global batch (peak lr, EMA decay).
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.global_batch_size", "model.global_batch_size", apply_on="instantiate")
+
+
+def main(args=None) -> None:
+    TransferStudyCLI(
+        ObjectiveClassifier,
+        FFCVImageDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},  # a requeued job writes its config again
+        auto_configure_optimizers=False,  # the recipe lives in ObjectiveClassifier.configure_optimizers
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

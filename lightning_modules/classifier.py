@@ -1,0 +1,211 @@
+"""The LightningModule: a backbone, a linear head, and an objective that turns them into a loss.
+
+Defaults are the ResNet-50 ImageNet recipe of Kornblith et al. (2021), appendix A.1:
+SGD + Nesterov 0.9, peak lr 0.1 per 256 images (1.6 at batch 4096), weight decay 8e-5 on conv/linear
+weights only, 10 epochs of linear warm-up then x0.975 per epoch, and an exponential moving average of
+the weights (0.9999 per step at batch 4096) that validation evaluates.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+import lightning as L
+import torch
+from timm.utils.model_ema import ModelEmaV3
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from .backbones import build_backbone, residual_blocks
+from .objectives import Objective, Softmax
+
+__all__ = ["Network", "ObjectiveClassifier", "warmup_exponential_decay"]
+
+
+class Network(nn.Module):
+    """Backbone plus linear head. ``forward`` returns the pooled penultimate features ``x``; the
+    objective forms the logits from ``x`` and ``head`` (so cosine softmax can normalise W and x)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone(images)
+
+    def blocks(self) -> dict[str, nn.Module]:
+        """Per-block modules in forward order (hook their outputs for per-layer measurements)."""
+        return residual_blocks(self.backbone)
+
+
+def warmup_exponential_decay(step: int, steps_per_epoch: int, warmup_epochs: float, decay_per_epoch: float) -> float:
+    """Learning-rate factor of appendix A.1: linear warm-up to 1 over ``warmup_epochs`` (per step), then
+    multiplied by ``decay_per_epoch`` once per completed epoch after the warm-up."""
+    warmup_steps = warmup_epochs * steps_per_epoch
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return decay_per_epoch ** math.floor((step - warmup_steps) / steps_per_epoch)
+
+
+class ObjectiveClassifier(L.LightningModule):
+    """Trains a classifier with a chosen objective, evaluating the EMA of its weights.
+
+    Args:
+        objective: the training objective by class name (Softmax, LabelSmoothing, Sigmoid, ExtraFinalL2,
+            PenultimateDropout, LogitPenalty, LogitNorm, CosineSoftmax, SquaredError). Softmax when unset.
+        num_classes: classes of the training task (linked from the data module).
+        global_batch_size: images per optimiser step over all processes (linked from the data module);
+            sets the peak lr and the EMA decay.
+        backbone: network name in ``backbone_source`` (e.g. resnet50, resnet18).
+        backbone_source: "torchvision" or "timm".
+        zero_init_last_bn: start the last batch-norm gamma of each residual block at 0 (Goyal et al.).
+        lr_per_256: peak learning rate per 256 images; peak = lr_per_256 * global_batch_size / 256.
+        momentum: SGD momentum.
+        nesterov: use Nesterov momentum.
+        weight_decay: L2 on conv and linear weights (not batch-norm parameters, not biases).
+        warmup_epochs: epochs of linear warm-up to the peak lr.
+        lr_decay_per_epoch: factor applied to the lr once per epoch after warm-up (0.985 in appendix C.6).
+        ema_decay: EMA momentum per step at ``ema_reference_batch``; None disables the EMA. With another
+            global batch B the horizon in images is kept: decay = ema_decay ** (B / ema_reference_batch).
+        ema_reference_batch: global batch at which ``ema_decay`` holds.
+    """
+
+    def __init__(
+        self,
+        objective: Optional[Objective] = None,
+        num_classes: int = 1000,
+        global_batch_size: int = 4096,
+        backbone: str = "resnet50",
+        backbone_source: Literal["torchvision", "timm"] = "torchvision",
+        zero_init_last_bn: bool = True,
+        lr_per_256: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 8e-5,
+        warmup_epochs: float = 10.0,
+        lr_decay_per_epoch: float = 0.975,
+        ema_decay: Optional[float] = 0.9999,
+        ema_reference_batch: int = 4096,
+    ):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
+        if ema_decay is not None and not 0.0 < ema_decay <= 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1] or None (no EMA), got {ema_decay} (the paper uses 0.9999).")
+        if warmup_epochs < 0 or not 0.0 < lr_decay_per_epoch <= 1.0:
+            raise ValueError("warmup_epochs must be >= 0 and lr_decay_per_epoch in (0, 1].")
+        self.save_hyperparameters(ignore=["objective"])
+        self.objective = objective if objective is not None else Softmax()
+        self.hparams["objective"] = self.objective.hparams()
+
+        features, width = build_backbone(backbone, backbone_source, zero_init_last_bn)
+        head = nn.Linear(width, num_classes)
+        self.objective.init_head(head)
+        self.network = Network(features, head)
+        self.ema = None
+        if ema_decay is not None:
+            decay = ema_decay ** (global_batch_size / ema_reference_batch)
+            self.ema = ModelEmaV3(self.network, decay=decay)
+            self.ema.requires_grad_(False)  # updated by averaging, never by the optimiser (or DDP)
+
+        top5 = min(5, num_classes)
+        self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        # First step whose loss was not finite (-1: none). Kept on the device so the check costs no sync.
+        self.register_buffer("first_nonfinite_step", torch.tensor(-1), persistent=False)
+
+    @property
+    def eval_network(self) -> Network:
+        """The weights that validation and measurements evaluate: the EMA when it is on."""
+        return self.ema.module if self.ema is not None else self.network
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits of the evaluated network (EMA when on), as the objective forms them."""
+        net = self.eval_network
+        return self.objective.logits(net(images), net.head)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, target = batch
+        logits = self.objective.logits(self.network(images), self.network.head)
+        terms = self.objective.loss_terms(logits, target, self.network.head)
+        loss = sum(terms.values())
+        self._track_nonfinite(loss)
+
+        batch_size = target.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        if len(terms) > 1:
+            for name, value in terms.items():
+                self.log(f"train/{name}", value, batch_size=batch_size)
+        self.train_acc1(logits.detach(), target)
+        self.log("train/acc1", self.train_acc1, prog_bar=True, batch_size=batch_size)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.network)
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self._raise_if_nonfinite()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        images, target = batch
+        logits = self(images)
+        terms = self.objective.loss_terms(logits, target, self.eval_network.head)
+        batch_size = target.shape[0]
+        self.log(f"{stage}/loss", sum(terms.values()), sync_dist=True, batch_size=batch_size)
+        self.val_acc1(logits, target)
+        self.val_acc5(logits, target)
+        self.log(f"{stage}/acc1", self.val_acc1, prog_bar=True, batch_size=batch_size)
+        self.log(f"{stage}/acc5", self.val_acc5, batch_size=batch_size)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for param in self.network.parameters():
+            (decay if param.ndim > 1 else no_decay).append(param)  # conv/linear weights vs BN and biases
+        peak_lr = hp.lr_per_256 * hp.global_batch_size / 256
+        optimizer = torch.optim.SGD(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=peak_lr,
+            momentum=hp.momentum,
+            nesterov=hp.nesterov,
+        )
+        steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_exponential_decay(step, steps_per_epoch, hp.warmup_epochs, hp.lr_decay_per_epoch),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # --- a non-finite loss stops the run without writing a checkpoint of broken weights ---
+
+    def _track_nonfinite(self, loss: Tensor) -> None:
+        first_seen = (~torch.isfinite(loss.detach())) & (self.first_nonfinite_step < 0)
+        self.first_nonfinite_step.copy_(torch.where(first_seen, self.global_step, self.first_nonfinite_step))
+
+    def _raise_if_nonfinite(self) -> None:
+        flag = self.first_nonfinite_step.float()
+        flag = torch.where(flag < 0, torch.full_like(flag, math.inf), flag)
+        step = self.trainer.strategy.reduce(flag, reduce_op="min")  # every rank agrees, so all stop
+        if math.isfinite(step.item()):
+            raise FloatingPointError(
+                f"Training loss became non-finite at step {int(step.item())} with objective "
+                f"{self.objective!r}. Stopped before writing another checkpoint; the last checkpoint "
+                f"saved before that step is intact. Lower the learning rate (model.lr_per_256), lengthen "
+                f"model.warmup_epochs, or check the objective's hyper-parameters."
+            )
+
+    def on_train_epoch_end(self) -> None:
+        self._raise_if_nonfinite()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._raise_if_nonfinite()
