@@ -5,7 +5,10 @@ argument is a knob (``python cli.py fit --help``) that the command line can over
 ``--model.objective=CosineSoftmax --model.objective.temperature=0.03``.
 """
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from jsonargparse import lazy_instance
 
 from datamodules import FFCVImageDataModule
 from lightning_modules import ObjectiveClassifier
@@ -18,11 +21,21 @@ class TransferStudyCLI(LightningCLI):
         parser.link_arguments("data.global_batch_size", "model.global_batch_size", apply_on="instantiate")
 
 
+# Every run writes TensorBoard logs and keeps a last.ckpt (for --ckpt_path=last and requeued jobs);
+# the checkpoint callback is added to whatever callbacks a config lists.
+def trainer_defaults() -> dict:
+    return {
+        "logger": lazy_instance(TensorBoardLogger, save_dir="runs"),
+        "callbacks": [ModelCheckpoint(save_last=True, filename="epoch{epoch:03d}", auto_insert_metric_name=False)],
+    }
+
+
 def main(args=None) -> None:
     TransferStudyCLI(
         ObjectiveClassifier,
         FFCVImageDataModule,
         subclass_mode_data=True,
+        trainer_defaults=trainer_defaults(),
         save_config_kwargs={"overwrite": True},  # a requeued job writes its config again
         auto_configure_optimizers=False,  # the recipe lives in ObjectiveClassifier.configure_optimizers
         args=args,

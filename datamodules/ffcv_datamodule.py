@@ -56,6 +56,7 @@ class FFCVImageDataModule(L.LightningDataModule):
         val_resize: evaluation resizes the shorter side to this, then centre-crops ``image_size``.
         crop_scale: range of the random crop's area, as a fraction of the image (paper: 10-100 %).
         crop_ratio: range of the random crop's aspect ratio (paper: 3/4 to 4/3).
+        flip: random horizontal flips in training.
         num_workers: FFCV decoding threads per process; all CPUs available to the process when unset.
         seed: seed of the training order (and of FFCV's distributed sampler).
         mean: per-channel mean of uint8 pixels, subtracted on the device.
@@ -73,6 +74,7 @@ class FFCVImageDataModule(L.LightningDataModule):
         val_resize: int = 256,
         crop_scale: tuple[float, float] = (0.1, 1.0),
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip: bool = True,
         num_workers: Optional[int] = None,
         seed: int = 0,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
@@ -92,6 +94,7 @@ class FFCVImageDataModule(L.LightningDataModule):
         self.val_resize = val_resize
         self.crop_scale = tuple(crop_scale)
         self.crop_ratio = tuple(crop_ratio)
+        self.flip = flip
         self.num_workers = num_workers or len(os.sched_getaffinity(0))
         self.seed = seed
         self.make_hint = make_hint
@@ -139,10 +142,8 @@ class FFCVImageDataModule(L.LightningDataModule):
         device = self._device()
         size = (self.image_size, self.image_size)
         if train:
-            decode = [
-                RandomResizedCropRGBImageDecoder(size, scale=self.crop_scale, ratio=self.crop_ratio),
-                RandomHorizontalFlip(),
-            ]
+            decode = [RandomResizedCropRGBImageDecoder(size, scale=self.crop_scale, ratio=self.crop_ratio)]
+            decode += [RandomHorizontalFlip()] if self.flip else []
         else:
             decode = [CenterCropRGBImageDecoder(size, ratio=self.image_size / self.val_resize)]
         on_gpu = device.type == "cuda"

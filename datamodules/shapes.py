@@ -206,6 +206,8 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
         global_batch_size: images per optimiser step over all processes.
         image_size: side of the drawn images and of the training crop.
         crop_scale: range of the random crop's area (the paper's 10 % lower bound erases 32 px objects).
+        crop_ratio: range of the random crop's aspect ratio.
+        flip: random horizontal flips in training.
         num_workers: FFCV decoding threads per process.
         seed: seed of the training order.
     """
@@ -221,6 +223,8 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
         global_batch_size: int = 256,
         image_size: int = 32,
         crop_scale: tuple[float, float] = (0.35, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip: bool = True,
         num_workers: int | None = None,
         seed: int = 0,
     ):
@@ -232,6 +236,8 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
             image_size=image_size,
             val_resize=image_size,
             crop_scale=crop_scale,
+            crop_ratio=crop_ratio,
+            flip=flip,
             num_workers=num_workers,
             seed=seed,
             make_hint=f"Generate it with `python -m datamodules.shapes --root {root}`.",

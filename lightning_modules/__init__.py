@@ -12,7 +12,8 @@ from .objectives import (
     Sigmoid,
     Softmax,
     SquaredError,
-    objective_names,
+    make_objective,
+    objective_classes,
 )
 
 __all__ = [
@@ -28,5 +29,6 @@ __all__ = [
     "LogitNorm",
     "CosineSoftmax",
     "SquaredError",
-    "objective_names",
+    "objective_classes",
+    "make_objective",
 ]

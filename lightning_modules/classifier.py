@@ -9,7 +9,7 @@ the weights (0.9999 per step at batch 4096) that validation evaluates.
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from .backbones import build_backbone, residual_blocks
-from .objectives import Objective, Softmax
+from .objectives import Objective, make_objective
 
 __all__ = ["Network", "ObjectiveClassifier", "warmup_exponential_decay"]
 
@@ -74,7 +74,7 @@ class ObjectiveClassifier(L.LightningModule):
 
     def __init__(
         self,
-        objective: Optional[Objective] = None,
+        objective: Union[Objective, str, None] = None,
         num_classes: int = 1000,
         global_batch_size: int = 4096,
         backbone: str = "resnet50",
@@ -97,7 +97,7 @@ class ObjectiveClassifier(L.LightningModule):
         if warmup_epochs < 0 or not 0.0 < lr_decay_per_epoch <= 1.0:
             raise ValueError("warmup_epochs must be >= 0 and lr_decay_per_epoch in (0, 1].")
         self.save_hyperparameters(ignore=["objective"])
-        self.objective = objective if objective is not None else Softmax()
+        self.objective = make_objective(objective)
         self.hparams["objective"] = self.objective.hparams()
 
         features, width = build_backbone(backbone, backbone_source, zero_init_last_bn)

@@ -36,10 +36,16 @@ __all__ = [
     "LogitNorm",
     "CosineSoftmax",
     "SquaredError",
-    "objective_names",
+    "objective_classes",
+    "make_objective",
 ]
 
 HEAD_INIT_STD = 0.01  # appendix A.1: final layer weights ~ N(0, 0.01^2), bias 0
+
+
+def _wide(t: Tensor) -> Tensor:
+    """At least float32, so squared norms do not overflow or lose precision under bf16 autocast."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _require(condition: bool, message: str) -> None:
@@ -140,7 +146,7 @@ class LogitPenalty(Objective):
         self.beta = beta
 
     def loss_terms(self, logits: Tensor, target: Tensor, head: nn.Linear) -> dict[str, Tensor]:
-        penalty = 0.5 * self.beta * logits.float().pow(2).sum(dim=1).mean()
+        penalty = 0.5 * self.beta * _wide(logits).pow(2).sum(dim=1).mean()
         return {"cross_entropy": F.cross_entropy(logits, target), "logit_penalty": penalty}
 
 
@@ -231,7 +237,7 @@ class SquaredError(Objective):
         self.variant = variant
 
     def loss_terms(self, logits: Tensor, target: Tensor, head: nn.Linear) -> dict[str, Tensor]:
-        z = logits.float()
+        z = _wide(logits)
         correct = z.gather(1, target[:, None]).squeeze(1)
         # sum_k (1-t_k) z_k^2 + kappa (z_y - M)^2  ==  sum_k z_k^2 - z_y^2 + kappa (z_y - M)^2
         per_example = z.pow(2).sum(dim=1) - correct.pow(2) + self.kappa * (correct - self.m).pow(2)
@@ -296,16 +302,31 @@ class ExtraFinalL2(_HeadRegularizer):
 
     def loss_terms(self, logits: Tensor, target: Tensor, head: nn.Linear) -> dict[str, Tensor]:
         terms = self.loss.loss_terms(logits, target, head)
-        terms["final_layer_l2"] = 0.5 * self.lambda_final * head.weight.float().pow(2).sum()
+        terms["final_layer_l2"] = 0.5 * self.lambda_final * _wide(head.weight).pow(2).sum()
         return terms
 
 
-def objective_names() -> list[str]:
-    """Names of every objective defined here (any subclass of Objective, however deep)."""
-    found, todo = [], list(Objective.__subclasses__())
+def objective_classes() -> dict[str, type[Objective]]:
+    """Every objective defined (any public subclass of Objective, however deep), by class name."""
+    found, todo = {}, list(Objective.__subclasses__())
     while todo:
         cls = todo.pop(0)
         todo.extend(cls.__subclasses__())
         if not cls.__name__.startswith("_"):
-            found.append(cls.__name__)
+            found[cls.__name__] = cls
     return found
+
+
+def make_objective(spec: Objective | str | None) -> Objective:
+    """An objective instance from an instance, a class name (with default hyper-parameters) or None (Softmax)."""
+    if spec is None:
+        return Softmax()
+    if isinstance(spec, Objective):
+        return spec
+    classes = objective_classes()
+    if spec not in classes:
+        raise ValueError(
+            f"Unknown objective {spec!r}. Valid objectives: {', '.join(classes)}. "
+            f"Name one by class, e.g. --model.objective=CosineSoftmax --model.objective.temperature=0.05."
+        )
+    return classes[spec]()
