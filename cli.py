@@ -30,8 +30,9 @@ def trainer_defaults() -> dict:
     }
 
 
-def main(args=None) -> None:
-    TransferStudyCLI(
+def main(args=None, run: bool = True) -> TransferStudyCLI:
+    """Parse ``args`` (the command line when None) and run the subcommand; returns the CLI object."""
+    return TransferStudyCLI(
         ObjectiveClassifier,
         FFCVImageDataModule,
         subclass_mode_data=True,
@@ -39,6 +40,7 @@ def main(args=None) -> None:
         save_config_kwargs={"overwrite": True},  # a requeued job writes its config again
         auto_configure_optimizers=False,  # the recipe lives in ObjectiveClassifier.configure_optimizers
         args=args,
+        run=run,
     )
 
 

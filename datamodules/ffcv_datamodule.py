@@ -23,12 +23,16 @@ IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
-class _EpochAlignedLoader:
-    """An FFCV Loader whose epoch follows the trainer's.
+class _TrainerAlignedLoader:
+    """An FFCV Loader that follows the trainer.
 
-    FFCV keeps its own epoch counter, which restarts at 0 in a new process; the random order of an
-    epoch is a function of (seed, epoch). Setting it from the trainer before every pass means a resumed
-    run continues with the next epoch's order instead of replaying epoch 0's.
+    - Epoch: FFCV keeps its own epoch counter, which restarts at 0 in a new process, and an epoch's
+      random order is a function of (seed, epoch). Setting it from the trainer before every pass means a
+      resumed run continues with the next epoch's order instead of replaying epoch 0's.
+    - Inference mode: FFCV allocates its output buffers when iteration starts, in the calling thread,
+      and fills them from its own thread. Buffers allocated under Lightning's ``torch.inference_mode``
+      (standalone validate/test) are inference tensors that the filling thread may not write, which
+      kills it and hangs the run; so allocate them outside inference mode.
     """
 
     def __init__(self, loader, trainer: "L.Trainer"):
@@ -36,8 +40,12 @@ class _EpochAlignedLoader:
         self.trainer = trainer
 
     def __iter__(self):
+        self.align_epoch()
+        with torch.inference_mode(False):
+            return iter(self.loader)
+
+    def align_epoch(self) -> None:
         self.loader.next_epoch = self.trainer.current_epoch
-        return iter(self.loader)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -166,13 +174,13 @@ class FFCVImageDataModule(L.LightningDataModule):
             raise BetonError(f"Could not open {path} with FFCV ({type(err).__name__}: {err}). {self.make_hint}") from err
 
     def train_dataloader(self):
-        return _EpochAlignedLoader(self._loader(self.train_path, train=True), self.trainer)
+        return _TrainerAlignedLoader(self._loader(self.train_path, train=True), self.trainer)
 
     def val_dataloader(self):
-        return self._loader(self.val_path, train=False)
+        return _TrainerAlignedLoader(self._loader(self.val_path, train=False), self.trainer)
 
     def test_dataloader(self):
-        return self._loader(self.val_path, train=False)
+        return _TrainerAlignedLoader(self._loader(self.val_path, train=False), self.trainer)
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         """Normalise uint8 images to float on the training device; labels to int64."""

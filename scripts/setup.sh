@@ -16,8 +16,11 @@ done
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing system packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+  log=$(mktemp)
+  if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
+        --no-install-recommends "${need_apt[@]}"; } >"$log" 2>&1; then
+    tail -30 "$log"; echo "setup: apt-get failed (full log: $log)" >&2; exit 1
+  fi
 fi
 
 # Reinstall the project only when its dependency list changed since the last set-up.
@@ -27,9 +30,11 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
+echo "setup: installing Python packages into $VENV (a few minutes the first time)"
+pip_q() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 # torch first, from the pinned pair, so that nothing later pulls a different build.
-"$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-"$VENV/bin/python" -m pip install -q -e ".[dev]"
+pip_q "torch==2.14.1" "torchvision==0.29.1"
+pip_q -e ".[dev]"
+"$VENV/bin/python" -c "import ffcv, lightning, timm, torchvision" || { echo "setup: install incomplete" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "setup: environment ready in $VENV"

@@ -1,0 +1,19 @@
+# The few commands a newcomer needs. Each one sets up first (idempotent, fast when already done).
+PY := .venv/bin/python
+
+.PHONY: setup quickstart test benchmark tensorboard
+
+setup:
+	bash scripts/setup.sh
+
+quickstart: setup  ## train on the embedded shapes data set through FFCV, on the CPU (~5 min)
+	$(PY) cli.py fit --config configs/quickstart.yaml
+
+test: setup  ## the whole test suite
+	$(PY) -m pytest -q
+
+benchmark: setup  ## training-step overhead: LightningModule + FFCV vs a plain PyTorch loop
+	$(PY) benchmarks/step_overhead.py
+
+tensorboard: setup
+	.venv/bin/tensorboard --logdir runs

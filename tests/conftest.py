@@ -1,0 +1,17 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from datamodules.shapes import generate_shapes_dataset
+
+os.environ.setdefault("PYTHONWARNINGS", "ignore")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory) -> Path:
+    """A small embedded shapes data set, generated once per test session."""
+    root = tmp_path_factory.mktemp("shapes")
+    sizes = {"train": 1024, "val": 256, "texture_train": 128, "texture_test": 128}
+    return generate_shapes_dataset(root, sizes, seed=0)

@@ -1,0 +1,193 @@
+"""End-to-end training through LightningCLI on the embedded shapes data, on the CPU."""
+
+import hashlib
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import cli
+from lightning_modules import objective_classes
+
+from .conftest import REPO
+from .helpers import scalars
+
+TINY = [
+    "--data.init_args.num_train=1024",
+    "--data.init_args.num_val=256",
+    "--data.init_args.num_transfer_train=128",
+    "--data.init_args.num_transfer_test=128",
+    "--data.init_args.global_batch_size=64",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.num_sanity_val_steps=0",
+]
+DETERMINISTIC_AUGMENTATION = [
+    "--data.init_args.crop_scale=[1.0, 1.0]",
+    "--data.init_args.crop_ratio=[1.0, 1.0]",
+    "--data.init_args.flip=false",
+]
+
+
+def fit(tmp_path: Path, shapes_root: Path, *extra: str, epochs: int = 1, run: bool = True):
+    args = [
+        "fit",
+        "--config", str(REPO / "configs" / "quickstart.yaml"),
+        f"--data.init_args.root={shapes_root}",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.max_epochs={epochs}",
+        *TINY,
+        *extra,
+    ]
+    return cli.main(args)
+
+
+def test_quickstart_trains_and_the_loss_falls(tmp_path, shapes_root):
+    run = fit(tmp_path, shapes_root, "--trainer.log_every_n_steps=2", epochs=3)
+    log_dir = Path(run.trainer.logger.log_dir)
+    logged = scalars(log_dir)
+    for tag in ("train/loss", "train/acc1", "val/loss", "val/acc1", "val/acc5", "lr"):
+        assert tag in logged, f"missing TensorBoard tag {tag}; have {sorted(logged)}"
+    losses = [v for _, v in logged["train/loss"]]
+    assert sum(losses[-4:]) / 4 < 0.9 * sum(losses[:4]) / 4, losses
+    assert logged["val/acc1"][-1][1] > 3 / 60  # well above chance (1/60) after three epochs
+    assert (log_dir / "config.yaml").is_file()  # the run's full config, to reproduce it
+    assert (log_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(objective_classes()))
+def test_every_objective_trains_a_few_steps_with_finite_logs(tmp_path, shapes_root, name):
+    run = fit(tmp_path, shapes_root, f"--model.objective={name}", "--trainer.limit_train_batches=3",
+              "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1")
+    metrics = run.trainer.logged_metrics
+    for tag in ("train/loss", "val/loss", "val/acc1", "lr"):
+        assert math.isfinite(float(metrics[tag])), (tag, metrics)
+    expected_terms = {"LogitPenalty": "train/logit_penalty", "ExtraFinalL2": "train/final_layer_l2"}
+    if name in expected_terms:
+        assert expected_terms[name] in metrics
+
+
+def test_validation_evaluates_the_ema_weights(tmp_path, shapes_root):
+    # decay 1.0 freezes the EMA at the initial weights, so EMA and live weights surely differ.
+    run = fit(tmp_path, shapes_root, "--model.ema_decay=1.0", "--model.ema_reference_batch=64",
+              "--trainer.limit_train_batches=4")
+    model, data = run.model, run.datamodule
+    logged = run.trainer.validate(model, datamodule=data, verbose=False)[0]["val/loss"]
+
+    def loss_of(net):
+        total, count = 0.0, 0
+        with torch.inference_mode():  # as Lightning validates (FFCV's buffers must not change mode)
+            for batch in data.val_dataloader():
+                images, target = data.on_after_batch_transfer(batch, 0)
+                logits = model.objective.logits(net(images), net.head)
+                total += sum(model.objective.loss_terms(logits, target, net.head).values()).item() * len(target)
+                count += len(target)
+        return total / count
+
+    model.eval()
+    assert logged == pytest.approx(loss_of(model.ema.module), rel=1e-4)
+    assert logged != pytest.approx(loss_of(model.network), rel=1e-3)
+
+
+def test_resume_continues_exactly(tmp_path, shapes_root):
+    straight = fit(tmp_path / "straight", shapes_root, *DETERMINISTIC_AUGMENTATION, epochs=2)
+    fit(tmp_path / "resumed", shapes_root, *DETERMINISTIC_AUGMENTATION, epochs=1)
+    resumed = fit(tmp_path / "resumed", shapes_root, *DETERMINISTIC_AUGMENTATION, "--ckpt_path=last", epochs=2)
+
+    a, b = straight.trainer, resumed.trainer
+    assert (a.global_step, a.current_epoch) == (b.global_step, b.current_epoch) == (32, 2)
+    assert a.optimizers[0].param_groups[0]["lr"] == b.optimizers[0].param_groups[0]["lr"]
+    # Same weights and EMA only if the resumed run restored the optimiser, the schedule, the EMA and
+    # the data order of epoch 1 (not a replay of epoch 0).
+    torch.testing.assert_close(straight.model.network.state_dict(), resumed.model.network.state_dict(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(straight.model.ema.state_dict(), resumed.model.ema.state_dict(), rtol=1e-5, atol=1e-6)
+
+
+def test_resumed_data_order_is_not_a_replay_of_epoch_zero(shapes_root):
+    from datamodules import EmbeddedShapesDataModule
+
+    class FakeTrainer:
+        current_epoch = 0
+        world_size = 1
+        strategy = None
+
+    data = EmbeddedShapesDataModule(root=str(shapes_root), num_train=1024, num_val=256, num_transfer_train=128,
+                                    num_transfer_test=128, global_batch_size=64)
+    data.batch_size_per_process = 64
+    data._device = lambda: torch.device("cpu")
+    data.trainer = FakeTrainer()
+    loader = data.train_dataloader()
+    orders = []
+    for epoch in (0, 1, 1):
+        FakeTrainer.current_epoch = epoch
+        loader.align_epoch()  # what iterating does first
+        orders.append(loader.loader.next_traversal_order().tolist())
+    assert orders[0] != orders[1]
+    assert orders[1] == orders[2]  # a fresh process at epoch 1 sees epoch 1's order
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, shapes_root):
+    fit(tmp_path, shapes_root, "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0")
+    last = next(tmp_path.rglob("last.ckpt"))
+    before = hashlib.sha256(last.read_bytes()).hexdigest()
+    with pytest.raises(FloatingPointError, match=r"non-finite at step 0 with objective SquaredError"):
+        # M = 1e38 makes (z - M)^2 overflow to inf on the first step.
+        fit(tmp_path, shapes_root, "--model.objective=SquaredError", "--model.objective.m=1e38",
+            "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=0")
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == before
+    torch.load(last, map_location="cpu", weights_only=False)  # still loadable
+
+
+def test_invalid_hyper_parameter_from_the_command_line(tmp_path, shapes_root):
+    with pytest.raises(ValueError, match="CosineSoftmax: temperature must be > 0, got -0.1"):
+        fit(tmp_path, shapes_root, "--model.objective=CosineSoftmax", "--model.objective.temperature=-0.1")
+
+
+def test_validate_and_test_on_a_checkpoint(tmp_path, shapes_root):
+    fit(tmp_path, shapes_root, "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0")
+    last = next(tmp_path.rglob("last.ckpt"))
+    for sub in ("validate", "test"):
+        run = cli.main([sub, "--config", str(REPO / "configs" / "quickstart.yaml"), f"--data.init_args.root={shapes_root}",
+                        f"--trainer.logger.init_args.save_dir={tmp_path / sub}", f"--ckpt_path={last}", *TINY])
+        assert math.isfinite(float(run.trainer.logged_metrics[f"{'val' if sub == 'validate' else 'test'}/acc1"]))
+
+
+def test_ddp_on_two_cpu_processes_sees_disjoint_data_and_ends_with_identical_weights(tmp_path):
+    from .helpers import write_indexed_beton
+
+    n = 64  # label == sample index, so the labels a rank sees name the samples it trained on
+    beton = write_indexed_beton(tmp_path / "indexed.beton", n)
+    record = tmp_path / "record"
+    config = {
+        "seed_everything": 0,
+        "model": {"backbone": "resnet10t", "backbone_source": "timm", "warmup_epochs": 0, "ema_decay": 0.9, "ema_reference_batch": 16},
+        "data": {"class_path": "datamodules.FFCVImageDataModule",
+                 "init_args": {"train_path": str(beton), "val_path": str(beton), "global_batch_size": 16,
+                               "image_size": 32, "val_resize": 32, "num_workers": 1}},
+        "trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_epochs": 2, "limit_val_batches": 0,
+                    "enable_progress_bar": False, "default_root_dir": str(tmp_path),
+                    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp_path)}},
+                    "callbacks": [{"class_path": "tests.helpers.RecordBatches", "init_args": {"out_dir": str(record)}}]},
+    }
+    config_file = tmp_path / "ddp.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    done = subprocess.run([sys.executable, "cli.py", "fit", "--config", str(config_file)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    import json
+
+    ranks = [json.loads((record / f"rank{r}.json").read_text()) for r in (0, 1)]
+    per_epoch = n // 2
+    for epoch in range(2):
+        seen = [set(r["labels"][epoch * per_epoch:(epoch + 1) * per_epoch]) for r in ranks]
+        assert not seen[0] & seen[1], "the two ranks trained on the same samples"
+        assert seen[0] | seen[1] == set(range(n)), "an epoch did not cover the data set"
+    assert ranks[0]["labels"][:per_epoch] != ranks[0]["labels"][per_epoch:], "epoch order did not change"
+    assert ranks[0]["network"] == ranks[1]["network"], "ranks ended with different weights"
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4
