@@ -40,9 +40,12 @@ class _TrainerAlignedLoader:
         self.trainer = trainer
 
     def __iter__(self):
+        # A generator: nothing starts until the first batch is asked for. Lightning creates its
+        # iterators before it restores a checkpoint's progress, so the epoch is read only then.
         self.align_epoch()
         with torch.inference_mode(False):
-            return iter(self.loader)
+            batches = iter(self.loader)
+        yield from batches
 
     def align_epoch(self) -> None:
         self.loader.next_epoch = self.trainer.current_epoch

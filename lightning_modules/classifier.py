@@ -98,7 +98,7 @@ class ObjectiveClassifier(L.LightningModule):
             raise ValueError("warmup_epochs must be >= 0 and lr_decay_per_epoch in (0, 1].")
         self.save_hyperparameters(ignore=["objective"])
         self.objective = make_objective(objective)
-        self.hparams["objective"] = self.objective.hparams()
+        self.hparams["objective"] = self.objective.config()  # which objective and variant a run used
 
         features, width = build_backbone(backbone, backbone_source, zero_init_last_bn)
         head = nn.Linear(width, num_classes)

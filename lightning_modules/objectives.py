@@ -66,15 +66,14 @@ class Objective(nn.Module):
     def loss_terms(self, logits: Tensor, target: Tensor, head: nn.Linear) -> dict[str, Tensor]:
         return {"cross_entropy": F.cross_entropy(logits, target)}
 
-    def hparams(self) -> dict[str, object]:
-        """The objective's name and hyper-parameters, as recorded with a run."""
-        params = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "training"}
-        nested = {f"loss.{k}": v for k, v in self.loss.hparams().items()} if isinstance(self, _HeadRegularizer) else {}
-        params.pop("loss", None)
-        return {"name": type(self).__name__, **params, **nested}
+    def config(self) -> dict[str, object]:
+        """The objective as LightningCLI writes it (class_path, init_args), recorded with each run."""
+        args = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "training"}
+        args.update({name: child.config() for name, child in self.named_children() if isinstance(child, Objective)})
+        return {"class_path": f"{type(self).__module__}.{type(self).__name__}", "init_args": args}
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.hparams().items() if k != "name" and "." not in k)
+        return ", ".join(f"{k}={v}" for k, v in self.config()["init_args"].items() if not isinstance(v, dict))
 
 
 class Softmax(Objective):

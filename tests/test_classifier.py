@@ -1,0 +1,62 @@
+"""The recipe of appendix A.1 as ObjectiveClassifier builds it."""
+
+import math
+
+import pytest
+import torch
+import torchvision
+
+from lightning_modules import CosineSoftmax, ObjectiveClassifier
+from lightning_modules.classifier import warmup_exponential_decay
+
+
+def test_warmup_then_exponential_decay():
+    steps = 100  # per epoch
+    factors = [warmup_exponential_decay(s, steps, 10, 0.975) for s in range(0, 2000)]
+    assert factors[0] == pytest.approx(1 / 1000)
+    assert factors[499] == pytest.approx(0.5)
+    assert factors[999] == pytest.approx(1.0)  # peak at the end of epoch 10
+    assert factors[1000] == 1.0 and factors[1099] == 1.0  # first epoch after warm-up at the peak
+    assert factors[1100] == pytest.approx(0.975) and factors[1999] == pytest.approx(0.975 ** 9)
+
+
+def test_resnet50_recipe_defaults():
+    model = ObjectiveClassifier(num_classes=10, global_batch_size=1024)
+    net = model.network
+    assert isinstance(net.backbone, torchvision.models.ResNet)
+    bottlenecks = [m for m in net.backbone.modules() if isinstance(m, torchvision.models.resnet.Bottleneck)]
+    assert len(bottlenecks) == 16 and all((b.bn3.weight == 0).all() for b in bottlenecks)  # zero-init last BN
+    assert net.head.weight.std().item() == pytest.approx(0.01, rel=0.1) and (net.head.bias == 0).all()
+    assert len(net.blocks()) == 16
+    # EMA keeps the paper's horizon in images: 0.9999 per step at 4096 -> 0.9999 ** 0.25 at 1024.
+    assert model.ema.decay == pytest.approx(0.9999 ** 0.25)
+    assert not any(p.requires_grad for p in model.ema.parameters())
+
+
+def test_weight_decay_only_on_conv_and_linear_weights():
+    model = ObjectiveClassifier(objective=CosineSoftmax(), num_classes=10, global_batch_size=512,
+                                backbone="resnet18")
+
+    class _Trainer:
+        estimated_stepping_batches = 100
+        max_epochs = 10
+
+    model._trainer = _Trainer()  # configure_optimizers reads the steps per epoch
+    config = model.configure_optimizers()
+    optimizer = config["optimizer"]
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 8e-5 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.network.parameters()))
+    assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.9
+    assert optimizer.defaults["lr"] == pytest.approx(0.1 * 512 / 256)  # linear scaling: 1.6 at 4096
+
+
+def test_any_timm_or_torchvision_backbone():
+    for name, source in (("resnet10t", "timm"), ("efficientnet_b0", "torchvision")):
+        model = ObjectiveClassifier(num_classes=7, global_batch_size=64, backbone=name, backbone_source=source, ema_decay=None)
+        model.eval()
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+        assert len(model.network.blocks()) > 3
+    with pytest.raises(ValueError, match="Unknown torchvision backbone 'resnet51'"):
+        ObjectiveClassifier(num_classes=7, backbone="resnet51")
