@@ -30,9 +30,10 @@ def scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def state_digest(module: torch.nn.Module) -> str:
+def parameter_digest(module: torch.nn.Module) -> str:
+    """Hash of the trainable weights (BN running statistics are per-rank under DDP, so left out)."""
     h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(module.named_parameters()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -50,5 +51,5 @@ class RecordBatches(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         os.makedirs(self.out_dir, exist_ok=True)
-        record = {"labels": self.labels, "network": state_digest(pl_module.network), "global_step": trainer.global_step}
+        record = {"labels": self.labels, "network": parameter_digest(pl_module.network), "global_step": trainer.global_step}
         Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
