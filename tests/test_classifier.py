@@ -1,6 +1,5 @@
 """The recipe of appendix A.1 as ObjectiveClassifier builds it."""
 
-import math
 
 import pytest
 import torch
