@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from timm.utils.model_ema import ModelEmaV3
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from .backbones import build_backbone, residual_blocks
@@ -114,6 +115,9 @@ class ObjectiveClassifier(L.LightningModule):
         self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        # Sums over every evaluated image, reduced across ranks by summation: exact when ranks hold
+        # different numbers of images (Lightning's own epoch mean would average the per-rank means).
+        self.val_loss = MeanMetric()
         # First step whose loss was not finite (-1: none). Kept on the device so the check costs no sync.
         self.register_buffer("first_nonfinite_step", torch.tensor(-1), persistent=False)
 
@@ -161,7 +165,8 @@ class ObjectiveClassifier(L.LightningModule):
         logits = self(images)
         terms = self.objective.loss_terms(logits, target, self.eval_network.head)
         batch_size = target.shape[0]
-        self.log(f"{stage}/loss", sum(terms.values()), sync_dist=True, batch_size=batch_size)
+        self.val_loss.update(sum(terms.values()), weight=batch_size)
+        self.log(f"{stage}/loss", self.val_loss, batch_size=batch_size)
         self.val_acc1(logits, target)
         self.val_acc5(logits, target)
         self.log(f"{stage}/acc1", self.val_acc1, prog_bar=True, batch_size=batch_size)

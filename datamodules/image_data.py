@@ -1,0 +1,207 @@
+"""What the image-classification data modules share, whichever library decodes the images.
+
+The FFCV module and the torchvision fallback take the same arguments, shard the data by the same rule
+(``distributed.epoch_shard``), apply the same augmentation (random-resized crop and flip for training,
+resize and centre crop for evaluation) and normalise uint8 batches in torch on the training device, so
+a YAML file switches between them by changing ``class_path`` and the data paths only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+
+from .distributed import cpus_per_process, epoch_shard
+from .sources import DataError
+
+__all__ = [
+    "ImageClassificationData", "ProgressiveResolution", "EpochAlignedLoader", "DataError", "IMAGENET_MEAN", "IMAGENET_STD",
+]
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+@dataclass(frozen=True)
+class ProgressiveResolution:
+    """ffcv-imagenet's low-to-high resolution schedule for training crops: ``min_res`` up to epoch
+    ``start_ramp``, then linear to ``max_res`` at ``end_ramp``, rounded to multiples of ``step`` pixels.
+    Defaults are its ResNet-50 88-epoch settings (evaluation stays at the module's image_size)."""
+
+    min_res: int = 160
+    max_res: int = 192
+    start_ramp: int = 65
+    end_ramp: int = 76
+    step: int = 32
+
+    def __post_init__(self):
+        if not 0 < self.min_res <= self.max_res or self.start_ramp > self.end_ramp or self.step < 1:
+            raise ValueError(f"ProgressiveResolution needs 0 < min_res <= max_res and start_ramp <= end_ramp, got {self}.")
+
+    def __call__(self, epoch: int) -> int:
+        if epoch <= self.start_ramp:
+            return self.min_res
+        if epoch >= self.end_ramp:
+            return self.max_res
+        res = np.interp(epoch, [self.start_ramp, self.end_ramp], [self.min_res, self.max_res])
+        return int(round(res / self.step)) * self.step
+
+
+class EpochAlignedLoader:
+    """A loader that prepares every pass for the trainer's current epoch (``before_epoch(epoch)``: the
+    epoch's shard, the crop resolution), so a resumed run continues with the next epoch's order instead of
+    replaying epoch 0's.
+
+    Iteration is a generator: nothing starts until the first batch is asked for, because Lightning
+    creates its iterators before it restores a checkpoint's progress. Iteration also starts outside
+    ``torch.inference_mode``: FFCV allocates its output buffers then, in the calling thread, and fills
+    them from its own thread; inference tensors (standalone validate/test) may not be written there,
+    which killed that thread and hung the run.
+    """
+
+    def __init__(self, loader: Iterable, data: "ImageClassificationData", before_epoch: Callable[[int], None]):
+        self.loader = loader
+        self.data = data
+        self.before_epoch = before_epoch
+
+    def __iter__(self):
+        self.before_epoch(self.data.current_epoch)
+        with torch.inference_mode(False):
+            batches = iter(self.loader)
+        yield from batches
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+class ImageClassificationData(L.LightningDataModule):
+    """Base of the image-classification data modules.
+
+    Args:
+        global_batch_size: images per optimiser step over all processes; each process loads
+            ``global_batch_size / world_size``.
+        num_classes: classes of the task; read from the training labels when not given.
+        image_size: side of the training crop and of the evaluation centre crop.
+        val_resize: evaluation resizes the shorter side to this, then centre-crops ``image_size``.
+        crop_scale: range of the random crop's area, as a fraction of the image (paper: 10-100 %).
+        crop_ratio: range of the random crop's aspect ratio (paper: 3/4 to 4/3).
+        flip: random horizontal flips in training.
+        num_workers: decoding workers per process; default: SLURM's CPUs per task, else this process's
+            share of the CPUs in its affinity mask.
+        seed: seed of the training order; epoch e's order is a function of (seed, e) only.
+        mean: per-channel mean of uint8 pixels, subtracted on the device.
+        std: per-channel standard deviation of uint8 pixels.
+        progressive_resolution: optional schedule of the training crop size by epoch.
+    """
+
+    def __init__(
+        self,
+        global_batch_size: int = 4096,
+        num_classes: Optional[int] = None,
+        image_size: int = 224,
+        val_resize: int = 256,
+        crop_scale: tuple[float, float] = (0.1, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip: bool = True,
+        num_workers: Optional[int] = None,
+        seed: int = 0,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        progressive_resolution: Optional[ProgressiveResolution] = None,
+    ):
+        super().__init__()
+        if global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}.")
+        if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {crop_scale}.")
+        if not 0 < crop_ratio[0] <= crop_ratio[1]:
+            raise ValueError(f"crop_ratio must satisfy 0 < low <= high, got {crop_ratio}.")
+        if val_resize < image_size:
+            raise ValueError(f"val_resize={val_resize} must be at least image_size={image_size} (it is cropped to it).")
+        self.global_batch_size = global_batch_size
+        self._num_classes = num_classes
+        self.image_size = image_size
+        self.val_resize = val_resize
+        self.crop_scale = tuple(crop_scale)
+        self.crop_ratio = tuple(crop_ratio)
+        self.flip = flip
+        self.num_workers = num_workers
+        self.seed = seed
+        self.progressive_resolution = progressive_resolution
+        self._mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self._std = torch.tensor(std).view(1, 3, 1, 1)
+
+    # --- what a subclass provides ---
+
+    def labels(self, split: str) -> np.ndarray:
+        """Every label of ``split`` ("train" or "val"), without decoding images."""
+        raise NotImplementedError
+
+    # --- shared ---
+
+    @property
+    def num_classes(self) -> int:
+        if self._num_classes is None:
+            self._num_classes = int(self.labels("train").max()) + 1
+        return self._num_classes
+
+    def setup(self, stage: str) -> None:
+        for split in ["train", "val"] if stage == "fit" else ["val"]:
+            self._check_labels(split)
+        world = self.world_size
+        if self.global_batch_size % world:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} is not divisible by the {world} processes; "
+                f"choose a multiple of {world}."
+            )
+        self.batch_size_per_process = self.global_batch_size // world
+        if self.num_workers is None:
+            self.num_workers = cpus_per_process(self.trainer.num_devices if self.trainer is not None else 1)
+
+    def _check_labels(self, split: str) -> None:
+        labels = self.labels(split)
+        bad = (labels < 0) | (labels >= self.num_classes)
+        if bad.any():
+            raise DataError(
+                f"{split}: {int(bad.sum())} of {labels.size} labels lie outside [0, {self.num_classes}) "
+                f"(e.g. {np.unique(labels[bad])[:5].tolist()}). Set data.num_classes to the true number of "
+                f"classes, or rewrite the data with labels 0..num_classes-1."
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    @property
+    def rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+
+    @property
+    def current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def shard(self, num_samples: int, train: bool, epoch: int = 0) -> np.ndarray:
+        """This process's indices for ``epoch`` (``distributed.epoch_shard``)."""
+        return epoch_shard(num_samples, self.rank, self.world_size, shuffle=train, seed=self.seed, epoch=epoch)
+
+    def train_resolution(self, epoch: int) -> int:
+        return self.progressive_resolution(epoch) if self.progressive_resolution else self.image_size
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        """Normalise uint8 images to float on the training device (channels_last on a GPU); labels to int64
+        of shape (B,), also for a last batch of one (FFCV gives (B, 1))."""
+        images, labels = batch
+        if self._mean.device != images.device:  # moved once, not every batch
+            self._mean, self._std = self._mean.to(images.device), self._std.to(images.device)
+        if images.is_cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return (images.float() - self._mean) / self._std, labels.long().reshape(-1)
