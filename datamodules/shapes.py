@@ -11,7 +11,7 @@ object, an occluding patch and pixel noise.
   never needed to solve it, so how much of it survives in the features is what a transfer probe
   measures (the invariance the paper links to poor transfer).
 
-The images are written to FFCV .beton files by the same writer as real data (``write_beton``).
+The images are written to FFCV .beton files by the same writer as real data (``write_split``).
 Run ``python -m datamodules.shapes --root data/shapes`` to generate them by hand.
 """
 
@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .beton import write_beton
+from .beton import WriterSettings, write_split
 from .ffcv_datamodule import FFCVImageDataModule
+from .sources import Split
 
 __all__ = ["SHAPES", "TEXTURES", "render_shapes", "generate_shapes_dataset", "EmbeddedShapesDataModule"]
 
@@ -33,6 +34,8 @@ SHAPES = ("circle", "triangle", "square", "pentagon", "hexagon", "flower", "star
 TEXTURES = ("plain", "horizontal_stripes", "vertical_stripes", "diagonal_stripes", "checker", "dots")
 NUM_COLOURS = 6
 SPLITS = {"train": 0, "val": 1, "texture_train": 2, "texture_test": 3}
+CLASSES = tuple(f"{shape}/colour{c}" for shape in SHAPES for c in range(NUM_COLOURS))  # label = shape * 6 + colour
+RAW_PIXELS = WriterSettings(max_resolution=None, write_mode="raw", num_workers=1, chunksize=1000)
 
 
 def _polygon(theta: np.ndarray, sides: int) -> np.ndarray:
@@ -154,19 +157,6 @@ def render_shapes(n: int, rng: np.random.Generator, size: int = 32) -> tuple[np.
     return pixels, {"shape": shape, "colour": colour, "texture": texture}
 
 
-class _ArrayDataset:
-    """(image, label) pairs from in-memory arrays, the indexable form the FFCV writer reads."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        return self.images[i], int(self.labels[i])
-
-
 def generate_shapes_dataset(
     root: str | Path, sizes: dict[str, int], seed: int = 0, image_size: int = 32, chunk: int = 2000
 ) -> Path:
@@ -185,8 +175,9 @@ def generate_shapes_dataset(
             label = factors["texture"] if split.startswith("texture") else factors["shape"] * NUM_COLOURS + factors["colour"]
             images.append(pixels)
             labels.append(label)
-        dataset = _ArrayDataset(np.concatenate(images), np.concatenate(labels))
-        write_beton(dataset, root / f"{split}.beton", write_mode="raw", max_resolution=None, num_workers=1, chunksize=1000)
+        classes = TEXTURES if split.startswith("texture") else CLASSES
+        data = Split(np.concatenate(images), np.concatenate(labels).astype(np.int64), classes)
+        write_split(data, root / f"{split}.beton", RAW_PIXELS, source=f"embedded shapes, seed {seed}")
     spec = {"sizes": sizes, "seed": seed, "image_size": image_size, "shapes": SHAPES, "textures": TEXTURES}
     (root / "spec.json").write_text(json.dumps(spec, indent=2))
     return root
