@@ -10,7 +10,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from jsonargparse import lazy_instance
 
-from datamodules import FFCVImageDataModule
+from datamodules import ImageClassificationData
 from lightning_modules import ObjectiveClassifier
 
 
@@ -34,7 +34,7 @@ def main(args=None, run: bool = True) -> TransferStudyCLI:
     """Parse ``args`` (the command line when None) and run the subcommand; returns the CLI object."""
     return TransferStudyCLI(
         ObjectiveClassifier,
-        FFCVImageDataModule,
+        ImageClassificationData,  # any of its subclasses, by class_path: FFCV, torchvision folders, shapes
         subclass_mode_data=True,
         trainer_defaults=trainer_defaults(),
         save_config_kwargs={"overwrite": True},  # a requeued job writes its config again

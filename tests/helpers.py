@@ -6,21 +6,42 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from datamodules.beton import write_beton
-from datamodules.shapes import _ArrayDataset, render_shapes
+from datamodules import FFCVImageDataModule
+from datamodules.beton import WriterSettings, write_split
+from datamodules.shapes import render_shapes
+from datamodules.sources import Split
 
 
 def write_indexed_beton(path: Path, n: int, num_classes: int | None = None, seed: int = 0) -> Path:
     """Shapes images whose label is the sample index modulo ``num_classes`` (default: n, so unique)."""
     images, _ = render_shapes(n, np.random.default_rng(seed), 32)
     labels = np.arange(n) % (num_classes or n)
-    return write_beton(_ArrayDataset(images, labels), path, write_mode="raw", max_resolution=None, num_workers=1)
+    split = Split(images, labels.astype(np.int64), tuple(str(c) for c in range(num_classes or n)))
+    return write_split(split, path, WriterSettings(max_resolution=None, write_mode="raw", num_workers=1))
+
+
+class StubTrainer:
+    """The trainer attributes a data module reads, for driving one outside a fit: rank, world, epoch."""
+
+    def __init__(self, world_size: int = 1, global_rank: int = 0, current_epoch: int = 0):
+        self.world_size, self.num_devices, self.global_rank = world_size, world_size, global_rank
+        self.current_epoch = current_epoch
+        self.strategy = SimpleNamespace(root_device=torch.device("cpu"))
+
+
+def ffcv_datamodule(train, val=None, world_size=1, rank=0, **kwargs) -> FFCVImageDataModule:
+    """An FFCV data module (by default at batch 8 and 32 px), as process ``rank`` of ``world_size`` would see it."""
+    kwargs = {"global_batch_size": 8, "image_size": 32, "val_resize": 32, "num_workers": 1, **kwargs}
+    data = FFCVImageDataModule(str(train), str(val or train), **kwargs)
+    data.trainer = StubTrainer(world_size, rank)
+    return data
 
 
 def scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -40,16 +61,31 @@ def parameter_digest(module: torch.nn.Module) -> str:
 
 
 class RecordBatches(L.Callback):
-    """Writes, per rank, the labels of every training batch it saw and a digest of its final weights."""
+    """Writes, per rank, the labels of every training and validation batch it saw, the validation images it
+    classified correctly and their summed loss (computed here, independently of the module's metrics),
+    and a digest of its final weights."""
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
         self.labels: list[int] = []
+        self.val_labels: list[int] = []
+        self.val_correct = 0
+        self.val_loss_sum = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.labels.extend(int(v) for v in batch[1].tolist())
 
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        images, target = batch
+        logits = pl_module(images)
+        self.val_labels.extend(int(v) for v in target.tolist())
+        self.val_correct += int((logits.argmax(1) == target).sum())
+        for i in range(len(target)):  # one image at a time: a sum that cannot share the module's batching
+            terms = pl_module.objective.loss_terms(logits[i:i + 1], target[i:i + 1], pl_module.eval_network.head)
+            self.val_loss_sum += float(sum(terms.values()))
+
     def on_train_end(self, trainer, pl_module):
         os.makedirs(self.out_dir, exist_ok=True)
-        record = {"labels": self.labels, "network": parameter_digest(pl_module.network), "global_step": trainer.global_step}
+        record = {"labels": self.labels, "network": parameter_digest(pl_module.network), "global_step": trainer.global_step,
+                  "val_labels": self.val_labels, "val_correct": self.val_correct, "val_loss_sum": self.val_loss_sum}
         Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

@@ -5,24 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules import BetonError, FFCVImageDataModule, beton_labels
-from datamodules.convert import convert
+from datamodules import BetonError, DataError, ImageFolderDataModule, ProgressiveResolution, WriterSettings, beton_labels
+from datamodules.convert import folder
 from datamodules.shapes import NUM_COLOURS, SHAPES, TEXTURES, render_shapes
 
-from .helpers import write_indexed_beton
+from .helpers import ffcv_datamodule as datamodule
+from .helpers import StubTrainer, write_indexed_beton
 
 
-class _Trainer:
-    world_size = 1
-    current_epoch = 0
-
-
-def datamodule(train, val=None, **kwargs):
-    data = FFCVImageDataModule(str(train), str(val or train), global_batch_size=8, image_size=32, val_resize=32,
-                               num_workers=1, **kwargs)
-    data.trainer = _Trainer()
-    data._device = lambda: torch.device("cpu")
-    return data
 
 
 def test_shapes_are_deterministic_and_cover_every_factor():
@@ -74,14 +64,13 @@ def test_corrupt_beton_is_reported(tmp_path):
 
 def test_labels_outside_the_classes_are_an_error(tmp_path):
     beton = write_indexed_beton(tmp_path / "d.beton", 12)  # labels 0..11
-    with pytest.raises(BetonError, match=r"6 of 12 labels lie outside \[0, 6\).*num_classes"):
+    with pytest.raises(DataError, match=r"train: 6 of 12 labels lie outside \[0, 6\).*num_classes"):
         datamodule(beton, num_classes=6).setup("fit")
 
 
 def test_global_batch_must_divide_over_processes(tmp_path):
     beton = write_indexed_beton(tmp_path / "d.beton", 12)
-    data = datamodule(beton)
-    data.trainer.world_size = 3
+    data = datamodule(beton, world_size=3)
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
         data.setup("fit")
 
@@ -92,6 +81,88 @@ def test_convert_an_image_folder(tmp_path):
         (tmp_path / "tree" / cls).mkdir(parents=True)
         for i in range(3):
             Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "tree" / cls / f"{i}.jpg")
-    out = convert(str(tmp_path / "tree"), str(tmp_path / "tree.beton"), num_workers=1)
+    out = folder(str(tmp_path / "tree"), str(tmp_path / "tree.beton"), WriterSettings(num_workers=1))
     assert sorted(beton_labels(out).tolist()) == [0, 0, 0, 1, 1, 1]
     assert not list(tmp_path.glob("*.partial"))  # written under a temporary name, then renamed
+
+
+def folder_datamodule(tree, **kwargs) -> ImageFolderDataModule:
+    kwargs = {"global_batch_size": 4, "image_size": 32, "val_resize": 40, "num_workers": 0, **kwargs}
+    data = ImageFolderDataModule(str(tree), str(tree), **kwargs)
+    data.trainer = StubTrainer()
+    return data
+
+
+def photo_tree(root, classes=("cat", "dog"), per_class=3):
+    rng = np.random.default_rng(0)
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            # smooth images, so that two resampling filters agree closely
+            small = rng.integers(0, 255, (6, 9, 3), dtype=np.uint8)
+            Image.fromarray(small).resize((90, 60), Image.BICUBIC).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_fallback_evaluates_the_same_centre_crop_as_ffcv(tmp_path):
+    tree = photo_tree(tmp_path / "tree")
+    out = folder(str(tree), str(tmp_path / "tree.beton"), WriterSettings(write_mode="raw", max_resolution=None, num_workers=1))
+    ffcv, fallback = datamodule(out, val_resize=40, global_batch_size=4), folder_datamodule(tree)
+    ffcv.setup("validate")
+    fallback.setup("validate")
+    a, la = ffcv.on_after_batch_transfer(next(iter(ffcv.val_dataloader())), 0)
+    b, lb = fallback.on_after_batch_transfer(next(iter(fallback.val_dataloader())), 0)
+    assert la.tolist() == lb.tolist() == [0, 0, 0, 1]
+    assert a.shape == b.shape == (4, 3, 32, 32)
+    # same crop, different resampling filters (OpenCV area vs antialiased bilinear): close, not equal
+    assert (a - b).abs().mean() < 0.1, "the two evaluation pipelines crop differently"
+    assert (a - b.flip(-1)).abs().mean() > 3 * (a - b).abs().mean()
+
+
+def test_fallback_trains_on_shards_and_counts_skipped_images(tmp_path):
+    tree = photo_tree(tmp_path / "tree", per_class=4)
+    (tree / "dog" / "broken.png").write_bytes(b"\x89PNG but not really")
+    with pytest.raises(DataError, match=r"Cannot decode image .*broken\.png"):
+        data = folder_datamodule(tree)
+        data.setup("fit")
+        list(data.train_dataloader())
+    data = folder_datamodule(tree, bad_images="skip")
+    data.setup("fit")
+    batches = [data.on_after_batch_transfer(batch, 0) for batch in data.val_dataloader()]
+    assert data.skipped_images == 1 and sum(len(labels) for _, labels in batches) == 8  # 9 files, one broken
+    train = [data.on_after_batch_transfer(batch, 0) for batch in data.train_dataloader()]
+    assert all(images.shape[1:] == (3, 32, 32) for images, _ in train)
+
+
+def test_fallback_refuses_mismatched_class_folders(tmp_path):
+    train, val = photo_tree(tmp_path / "train"), photo_tree(tmp_path / "val", classes=("cat", "cow"))
+    data = ImageFolderDataModule(str(train), str(val), global_batch_size=2)
+    data.trainer = StubTrainer()
+    with pytest.raises(DataError, match=r"only in val: \['cow'\], only in train: \['dog'\]"):
+        data.setup("fit")
+
+
+def test_progressive_resolution_follows_ffcv_imagenet():
+    schedule = ProgressiveResolution()  # ResNet-50, 88 epochs: 160 px up to epoch 65, 192 px from 76
+    # by hand: epoch 70 -> 160 + 32 * 5/11 = 174.5 -> 5.45 steps of 32 -> 160; epoch 72 -> 180.4 -> 192
+    assert [schedule(e) for e in (0, 65, 70, 72, 76, 88)] == [160, 160, 160, 192, 192, 192]
+    with pytest.raises(ValueError, match="min_res <= max_res"):
+        ProgressiveResolution(min_res=200, max_res=100)
+
+
+@pytest.mark.parametrize("library", ["ffcv", "torchvision"])
+def test_training_crops_grow_with_the_epoch(tmp_path, library):
+    tree = photo_tree(tmp_path / "tree")
+    schedule = ProgressiveResolution(min_res=16, max_res=32, start_ramp=1, end_ramp=3, step=8)
+    if library == "ffcv":
+        beton = folder(str(tree), str(tmp_path / "t.beton"), WriterSettings(num_workers=1))
+        data = datamodule(beton, global_batch_size=2, progressive_resolution=schedule)
+    else:
+        data = folder_datamodule(tree, global_batch_size=2, progressive_resolution=schedule)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    sizes = []
+    for epoch in range(4):
+        data.trainer.current_epoch = epoch
+        sizes.append(next(iter(loader))[0].shape[-1])
+    assert sizes == [16, 16, 24, 32]

@@ -109,29 +109,6 @@ def test_resume_continues_exactly(tmp_path, shapes_root):
     torch.testing.assert_close(straight.model.ema.state_dict(), resumed.model.ema.state_dict(), rtol=1e-5, atol=1e-6)
 
 
-def test_resumed_data_order_is_not_a_replay_of_epoch_zero(shapes_root):
-    from datamodules import EmbeddedShapesDataModule
-
-    class FakeTrainer:
-        current_epoch = 0
-        world_size = 1
-        strategy = None
-
-    data = EmbeddedShapesDataModule(root=str(shapes_root), num_train=1024, num_val=256, num_transfer_train=128,
-                                    num_transfer_test=128, global_batch_size=64)
-    data.batch_size_per_process = 64
-    data._device = lambda: torch.device("cpu")
-    data.trainer = FakeTrainer()
-    loader = data.train_dataloader()
-    orders = []
-    for epoch in (0, 1, 1):
-        FakeTrainer.current_epoch = epoch
-        loader.align_epoch()  # what iterating does first
-        orders.append(loader.loader.next_traversal_order().tolist())
-    assert orders[0] != orders[1]
-    assert orders[1] == orders[2]  # a fresh process at epoch 1 sees epoch 1's order
-
-
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, shapes_root):
     fit(tmp_path, shapes_root, "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0")
     last = next(tmp_path.rglob("last.ckpt"))
@@ -161,17 +138,17 @@ def test_validate_and_test_on_a_checkpoint(tmp_path, shapes_root):
 def test_ddp_on_two_cpu_processes_sees_disjoint_data_and_ends_with_identical_weights(tmp_path):
     from .helpers import write_indexed_beton
 
-    n = 64  # label == sample index, so the labels a rank sees name the samples it trained on
-    beton = write_indexed_beton(tmp_path / "indexed.beton", n)
+    n, n_val = 64, 37  # label == sample index, so the labels a rank sees name the samples it read
+    beton, val = write_indexed_beton(tmp_path / "indexed.beton", n), write_indexed_beton(tmp_path / "val.beton", n_val, n)
     record = tmp_path / "record"
     config = {
         "seed_everything": 0,
         "model": {"backbone": "resnet10t", "backbone_source": "timm", "warmup_epochs": 0, "ema_decay": 0.9, "ema_reference_batch": 16},
         "data": {"class_path": "datamodules.FFCVImageDataModule",
-                 "init_args": {"train_path": str(beton), "val_path": str(beton), "global_batch_size": 16,
+                 "init_args": {"train_path": str(beton), "val_path": str(val), "global_batch_size": 16,
                                "image_size": 32, "val_resize": 32, "num_workers": 1}},
-        "trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_epochs": 2, "limit_val_batches": 0,
-                    "enable_progress_bar": False, "default_root_dir": str(tmp_path),
+        "trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_epochs": 2, "check_val_every_n_epoch": 2,
+                    "num_sanity_val_steps": 0, "enable_progress_bar": False, "default_root_dir": str(tmp_path),
                     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp_path)}},
                     "callbacks": [{"class_path": "tests.helpers.RecordBatches", "init_args": {"out_dir": str(record)}}]},
     }
@@ -192,3 +169,31 @@ def test_ddp_on_two_cpu_processes_sees_disjoint_data_and_ends_with_identical_wei
     assert ranks[0]["labels"][:per_epoch] != ranks[0]["labels"][per_epoch:], "epoch order did not change"
     assert ranks[0]["network"] == ranks[1]["network"], "ranks ended with different weights"
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 2 * (n // 16)  # 2 epochs of 64 at global batch 16
+
+    # Validation: 37 images over 2 ranks (19 + 18) are each evaluated exactly once, and the logged
+    # numbers are the exact means over the 37, not means of per-rank means or of padded shards.
+    assert sorted(ranks[0]["val_labels"] + ranks[1]["val_labels"]) == list(range(n_val))
+    logged = scalars(next(tmp_path.glob("lightning_logs/version_*")))
+    acc1 = sum(r["val_correct"] for r in ranks) / n_val
+    loss = sum(r["val_loss_sum"] for r in ranks) / n_val
+    assert logged["val/acc1"][-1][1] == pytest.approx(acc1, abs=1e-6)
+    assert logged["val/loss"][-1][1] == pytest.approx(loss, rel=1e-4)
+
+
+IMAGENET_EXPERIMENTS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs" / "imagenet").rglob("*.yaml")
+                              if p.name not in ("data.yaml", "data_folders.yaml"))
+
+
+@pytest.mark.parametrize("config", IMAGENET_EXPERIMENTS)
+def test_every_imagenet_config_builds(config):
+    # Builds the model, data module and trainer as `fit` would, without touching the (absent) ImageNet files.
+    built = cli.main(["--config", str(REPO / config)], run=False)
+    assert built.model.hparams.num_classes == 1000 and built.model.hparams.global_batch_size == 4096
+    assert type(built.datamodule).__name__ == "FFCVImageDataModule"
+
+
+def test_the_torchvision_fallback_replaces_ffcv_with_one_flag():
+    built = cli.main(["--config", str(REPO / "configs/imagenet/softmax.yaml"),
+                      "--data", str(REPO / "configs/imagenet/data_folders.yaml")], run=False)
+    assert type(built.datamodule).__name__ == "ImageFolderDataModule"
+    assert built.model.hparams.num_classes == 1000 and built.datamodule.global_batch_size == 4096
