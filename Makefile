@@ -1,7 +1,7 @@
 # The few commands a newcomer needs. Each one sets up first (idempotent, fast when already done).
 PY := .venv/bin/python
 
-.PHONY: setup quickstart test benchmark tensorboard
+.PHONY: setup quickstart test benchmark benchmark-loader tensorboard
 
 setup:
 	bash scripts/setup.sh
@@ -14,6 +14,9 @@ test: setup  ## the whole test suite
 
 benchmark: setup  ## training-step overhead: LightningModule + FFCV vs a plain PyTorch loop
 	$(PY) benchmarks/step_overhead.py
+
+benchmark-loader: setup  ## loader img/s: FFCV data module vs FFCV's Loader vs torchvision; writer speed
+	$(PY) benchmarks/loader_throughput.py
 
 tensorboard: setup
 	.venv/bin/tensorboard --logdir runs

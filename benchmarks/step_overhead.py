@@ -8,7 +8,7 @@ Same model, objective, optimiser and data in every arm; the arms are interleaved
 - ``plain/ffcv``:        hand-written loop over the FFCV loader (decode + augment on the fly)
 - ``lightning/ffcv``:    the real path: Trainer.fit with ObjectiveClassifier and the FFCV data module
 
-The framework overhead is lightning/X vs plain/X for each X. Seconds per step are the mean over the
+The framework overhead is lightning/X vs plain/X for each X. Seconds per step are the median over the
 steps after ``--warmup`` (numba compilation and first-touch costs excluded).
 
     python benchmarks/step_overhead.py --steps 25 --repeats 3
@@ -65,8 +65,8 @@ def make_model(args, num_classes):
 
 
 def per_step(stamps, warmup):
-    diffs = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
-    return sum(diffs) / len(diffs)
+    """Median step time after warm-up: robust to the odd step that another process on the machine delays."""
+    return statistics.median(b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:]))
 
 
 def plain_loop(model: ObjectiveClassifier, batches, normalise, steps):
