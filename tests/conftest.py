@@ -15,3 +15,13 @@ def shapes_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shapes")
     sizes = {"train": 1024, "val": 256, "texture_train": 128, "texture_test": 128}
     return generate_shapes_dataset(root, sizes, seed=0)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1, for a torch.distributed rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
