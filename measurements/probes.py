@@ -1,0 +1,381 @@
+"""Transfer probes on frozen features (Kornblith et al. 2021, appendix A.2 and Table 1): a linear probe
+(L2-regularised multinomial logistic regression) and a k-nearest-neighbour probe.
+
+Both take feature tensors (N × D, on any device) with integer labels and return the test score in the
+data set's measure (``MEASURES``): ``"top1"`` accuracy, or ``"mean_per_class"`` accuracy (the mean over
+the classes present of each class's recall) for the sets whose authors ask for it (Pets, Flowers).
+Scores are fractions in [0, 1].
+
+**Linear probe** (appendix A.2). Weights W (D × C) and bias b minimise, over the N training examples,
+
+    L(W, b) = Σ_i CE(softmax(x_i W + b), y_i) + (λ/2)·‖W‖²_F          (the bias is not regularised)
+
+i.e. λ applies to the *sum* of per-example losses, as in the paper. scikit-learn's
+``LogisticRegression(C=...)`` minimises C·Σ_i CE + ½‖W‖², the same problem with λ = 1/C. The optimiser
+is full-batch L-BFGS (strong-Wolfe line search) on L/N, stopping when max |∇(L/N)| ≤ ``tol``: the same
+objective scaling and stopping rule as scikit-learn's ``lbfgs`` solver with ``tol``, so tolerances
+compare one for one. λ runs over 45 log-spaced values in [1e-6, 1e5] (a quarter decade apart).
+
+Features are *not* standardised (the paper fits the network's features as they are, so the λ grid
+applies to their own scale). Each fit centres them on its training mean internally, which is exact,
+not a change of problem: with an unregularised bias, x W + b = (x − m)W + (b + mW) is the same model
+with the same penalty, so the minimiser's predictions do not change, but L-BFGS converges several
+times faster on non-negative (post-ReLU) features, whose large common mean makes the problem
+ill-conditioned. The stopping rule applies to the gradient in the centred parameters (W, b + mW).
+
+**kNN probe**. Cosine similarity (features L2-normalised; an all-zero vector has similarity 0 with
+everything) and a majority vote among the k nearest training examples; a tie in votes goes to the tied
+class with the larger summed similarity (then to the smaller label). k is chosen by leave-one-out on the
+training set among ``DEFAULT_KS`` (capped at N − 1; ties in leave-one-out score go to the smaller k).
+The similarity matrix is computed ``chunk_size`` query rows at a time, and one top-k_max search per chunk
+serves every candidate k, so extra memory is O(chunk_size·N + N·len(ks)), never N × N.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "MEASURES",
+    "DEFAULT_STRENGTHS",
+    "DEFAULT_KS",
+    "LinearProbeResult",
+    "KnnProbeResult",
+    "score",
+    "stratified_split",
+    "fit_logistic_regression",
+    "linear_probe",
+    "default_chunk_size",
+    "knn_predict",
+    "knn_leave_one_out",
+    "knn_probe",
+]
+
+MEASURES = ("top1", "mean_per_class")
+# Appendix A.2: 45 log-spaced L2 strengths between 1e-6 and 1e5, i.e. 10^(-6 + i/4).
+DEFAULT_STRENGTHS = tuple(10.0 ** (-6 + i / 4) for i in range(45))
+DEFAULT_KS = (1, 3, 5, 10, 20, 50, 100, 200)
+# Bounds of default_chunk_size.
+_CHUNK_FLOATS = 2**26
+_MAX_CHUNK = 1024
+_HIST = [10]
+
+
+@dataclass
+class LinearProbeResult:
+    """``accuracy``: test score in the measure; ``l2``: the selected λ; ``val_accuracies[i]``: the
+    validation score of ``strengths[i]``, in sweep order (strongest regularisation first)."""
+
+    accuracy: float
+    l2: float
+    val_accuracies: list[float]
+    strengths: list[float]
+
+
+@dataclass
+class KnnProbeResult:
+    """``accuracy``: test score in the measure with the selected ``k``; ``loo_accuracies``: the
+    leave-one-out training score of every candidate k."""
+
+    accuracy: float
+    k: int
+    loo_accuracies: dict[int, float]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared: input checks, the score and the validation split
+
+
+def _num_classes(num_classes: int | None, *labels: Tensor) -> int:
+    return int(max(int(y.max()) for y in labels if y.numel())) + 1 if num_classes is None else num_classes
+
+
+def _check_labelled(x: Tensor, y: Tensor, num_classes: int, what: str) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"{what}: features must be N × D, got shape {tuple(x.shape)}.")
+    if y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ValueError(f"{what}: labels must be a 1-D integer tensor, got {y.dtype} of shape {tuple(y.shape)}.")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{what}: {x.shape[0]} feature rows but {y.shape[0]} labels.")
+    if x.shape[0] == 0:
+        raise ValueError(f"{what}: no examples.")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"{what}: labels must lie in [0, {num_classes}), got {int(y.min())}..{int(y.max())}.")
+
+
+def _check_probe_inputs(train_x, train_y, test_x, test_y, num_classes, measure) -> int:
+    if measure not in MEASURES:
+        raise ValueError(f"unknown measure {measure!r}; expected one of {MEASURES}.")
+    num_classes = _num_classes(num_classes, train_y, test_y)
+    _check_labelled(train_x, train_y, num_classes, "train")
+    _check_labelled(test_x, test_y, num_classes, "test")
+    if train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(f"train features have {train_x.shape[1]} dimensions but test features {test_x.shape[1]}.")
+    return num_classes
+
+
+def score(logits_or_predictions: Tensor, labels: Tensor, measure: str = "top1") -> float:
+    """The data set's measure of predictions (N) or logits/scores (N × C, predicted class = argmax).
+
+    ``"top1"``: fraction correct. ``"mean_per_class"``: Σ_c recall_c / (number of classes present in
+    ``labels``), recall_c = correct in class c / examples of class c; classes absent from ``labels``
+    do not count.
+    """
+    if measure not in MEASURES:
+        raise ValueError(f"unknown measure {measure!r}; expected one of {MEASURES}.")
+    predictions = logits_or_predictions.argmax(1) if logits_or_predictions.ndim == 2 else logits_or_predictions
+    if predictions.shape != labels.shape or labels.ndim != 1 or labels.numel() == 0:
+        raise ValueError(f"score: {tuple(predictions.shape)} predictions for {tuple(labels.shape)} labels.")
+    correct = (predictions == labels).double()
+    if measure == "top1":
+        return float(correct.mean())
+    per_class = torch.bincount(labels, weights=correct)
+    present = torch.bincount(labels)
+    return float((per_class[present > 0] / present[present > 0]).mean())
+
+
+def stratified_split(labels: Tensor, fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(train indices, validation indices), sorted: round(fraction · n_c) examples of each class c go to
+    validation, but never a class's last one, so every class stays in training. The choice within a class
+    is uniform, from ``torch.Generator().manual_seed(seed)`` on the CPU: identical on every device."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation fraction must lie in (0, 1), got {fraction}.")
+    y = labels.cpu()
+    keys = torch.rand(len(y), generator=torch.Generator().manual_seed(seed))
+    order = keys.argsort()
+    order = order[y[order].argsort(stable=True)]  # grouped by class, random order within each class
+    counts = torch.bincount(y)
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(y)) - starts[y[order]]  # position of each example within its class
+    n_val = torch.minimum((fraction * counts.double()).round().long(), (counts - 1).clamp(min=0))
+    is_val = rank < n_val[y]
+    if not is_val.any():
+        raise ValueError(f"a validation fraction of {fraction} leaves no validation examples in {len(y)}.")
+    device = labels.device
+    return (~is_val).nonzero().squeeze(1).to(device), is_val.nonzero().squeeze(1).to(device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Linear probe (appendix A.2)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    # float32 is the fast path (network features); float64 input is kept for exact comparisons.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def fit_logistic_regression(
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    l2: float,
+    init: tuple[Tensor, Tensor] | None = None,
+    max_iter: int = 100,
+    tol: float = 1e-4,
+) -> tuple[Tensor, Tensor]:
+    """One fit of appendix A.2's probe: (W (D × C), b (C)) minimising Σ_i CE(x_i W + b, y_i) + (λ/2)‖W‖²_F
+    with λ = ``l2`` (scikit-learn's C = 1/λ), for ``x`` as given (not standardised; centred internally,
+    which changes only the speed, on one centred copy of ``x``).
+
+    Full-batch L-BFGS (``torch.optim.LBFGS``, strong-Wolfe line search, 10 correction pairs) from
+    ``init`` (a warm start) or zeros, for at most ``max_iter`` iterations (and 1.25 · ``max_iter`` loss
+    evaluations), stopping once
+    max |∇(L/N)| ≤ ``tol`` (scikit-learn's ``lbfgs`` rule, whose default ``tol`` is the same 1e-4) or
+    when L/N stops changing at float resolution. Computed in float32 (float64 if ``x`` is float64) on
+    ``x``'s device; the returned tensors are new.
+    """
+    _check_labelled(x, y, num_classes, "logistic regression")
+    if l2 < 0:
+        raise ValueError(f"the L2 strength must be non-negative, got {l2}.")
+    dtype = _compute_dtype(x)
+    n, d = x.shape
+    # Centring is exact (the unregularised bias absorbs it: see the module docstring) and makes L-BFGS
+    # converge several times faster on features far from the origin. Optimised: b' = b + mW.
+    mean = x.to(dtype).mean(0)
+    x, y = x.to(dtype) - mean, y.to(x.device)
+    if init is None:
+        init = (torch.zeros(d, num_classes, dtype=dtype, device=x.device), torch.zeros(num_classes, dtype=dtype, device=x.device))
+    if init[0].shape != (d, num_classes) or init[1].shape != (num_classes,):
+        raise ValueError(f"init must be ({d} × {num_classes}, {num_classes}), "
+                         f"got {tuple(init[0].shape)} and {tuple(init[1].shape)}.")
+    # Wᵀ (C × D) is the variable: both products below then run in the layouts BLAS is fastest in.
+    weight_t = init[0].detach().to(x.device, dtype).T.contiguous()
+    bias = init[1].detach().to(x.device, dtype) + mean @ weight_t.T
+    rows = torch.arange(n, device=x.device)
+
+    def closure() -> Tensor:
+        # Loss and analytic gradient in one pass: ∇_W = Xᵀ(P − Y) + λW, ∇_b = Σ_i (p_i − y_i), all / N.
+        log_p = torch.log_softmax(torch.addmm(bias, x, weight_t.T), dim=1)  # faster than logsumexp on CPU
+        loss = (0.5 * l2 * weight_t.square().sum() - log_p[rows, y].sum()) / n
+        p = log_p.exp_()
+        p[rows, y] -= 1
+        weight_t.grad = torch.addmm(weight_t, p.T, x, beta=l2).div_(n)
+        bias.grad = p.sum(0).div_(n)
+        return loss
+
+    # scipy's (and so scikit-learn's) history of 10 pairs; stop also when an iteration changes L/N by
+    # less than the float resolution, where float32 can make no further progress.
+    optimiser = torch.optim.LBFGS(
+        [weight_t, bias], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=torch.finfo(dtype).eps,
+        history_size=_HIST[0], line_search_fn="strong_wolfe",
+    )
+    with torch.no_grad():
+        optimiser.step(closure)
+    return weight_t.T, bias - mean @ weight_t.T
+
+
+def linear_probe(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    num_classes: int | None = None,
+    measure: str = "top1",
+    strengths: Sequence[float] | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    max_iter: int = 100,
+    tol: float = 1e-4,
+) -> LinearProbeResult:
+    """Appendix A.2's linear transfer probe: select λ on a validation split, refit, score the test set.
+
+    ``strengths`` (default: the 45 values 10^(-6 + i/4)) are swept from the strongest to the weakest,
+    each fit warm-started from the previous solution. The appendix warm-starts while *increasing* λ; each
+    fit is convex, so the direction changes only the cost (and, where a fit stops at ``max_iter``, how
+    far it got): from strong to weak, the first fits start near their solution at zero and each solution
+    is close to the next, while the weakest fits, the slowest to converge, start from a good guess. Each fit sees the training set less a stratified validation split
+    (``val_fraction`` of each class, from ``seed``) and is scored on that split in ``measure``; the best
+    λ wins, ties going to the stronger regularisation. The probe is then refit on train + validation
+    with that λ, warm-started from its sweep solution, and scored on the test set.
+
+    ``max_iter`` and ``tol`` apply to every fit (see ``fit_logistic_regression``).
+    """
+    num_classes = _check_probe_inputs(train_x, train_y, test_x, test_y, num_classes, measure)
+    strengths = sorted(DEFAULT_STRENGTHS if strengths is None else strengths, reverse=True)
+    if not strengths or min(strengths) <= 0:
+        raise ValueError(f"L2 strengths must be positive, got {strengths}.")
+    dtype = _compute_dtype(train_x)
+    train_x, test_x = train_x.to(dtype), test_x.to(train_x.device, dtype)
+    train_y, test_y = train_y.to(train_x.device), test_y.to(train_x.device)
+    fit_idx, val_idx = stratified_split(train_y, val_fraction, seed)
+    fit_x, fit_y, val_x, val_y = train_x[fit_idx], train_y[fit_idx], train_x[val_idx], train_y[val_idx]
+
+    solution, best, val_scores = None, None, []
+    for l2 in strengths:
+        solution = fit_logistic_regression(fit_x, fit_y, num_classes, l2, solution, max_iter, tol)
+        val_scores.append(score(torch.addmm(solution[1], val_x, solution[0]), val_y, measure))
+        if best is None or val_scores[-1] > best[0]:  # strict: ties keep the stronger λ
+            best = (val_scores[-1], l2, solution)
+    _, l2, solution = best
+    weight, bias = fit_logistic_regression(train_x, train_y, num_classes, l2, solution, max_iter, tol)
+    test_score = score(torch.addmm(bias, test_x, weight), test_y, measure)
+    return LinearProbeResult(accuracy=test_score, l2=l2, val_accuracies=val_scores, strengths=list(strengths))
+
+
+# ---------------------------------------------------------------------------------------------------
+# kNN probe
+
+
+def default_chunk_size(num_keys: int) -> int:
+    """Query rows per similarity chunk against ``num_keys`` keys: at most 1024, and the chunk × N block
+    within 2^26 floats (256 MiB in float32) however large N is."""
+    return max(1, min(_MAX_CHUNK, _CHUNK_FLOATS // num_keys))
+
+
+def _knn_predictions(
+    keys: Tensor, key_labels: Tensor, queries: Tensor | None, ks: Sequence[int], num_classes: int,
+    chunk_size: int | None,
+) -> Tensor:
+    """Predictions (len(ks) × M) of a cosine kNN vote for each k in ``ks`` (sorted ascending). With
+    ``queries=None`` the queries are the keys themselves, each one's own match excluded (leave-one-out)."""
+    leave_one_out = queries is None
+    # Normalise via 1/‖x‖ rather than a normalised copy of the keys: no extra N × D tensor.
+    keys, key_labels = keys.float(), key_labels.to(keys.device)
+    key_scale = 1.0 / torch.linalg.vector_norm(keys, dim=1).clamp_min(1e-12)
+    queries = keys if leave_one_out else queries
+    chunk = default_chunk_size(len(keys)) if chunk_size is None else chunk_size
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+    k_max = ks[-1]
+    predictions = torch.empty(len(ks), len(queries), dtype=torch.long, device=keys.device)
+    for start in range(0, len(queries), chunk):
+        q = F.normalize(queries[start:start + chunk].float(), dim=1)
+        sims = (q @ keys.T).mul_(key_scale)  # cosine similarities, chunk × N
+        if leave_one_out:
+            sims.diagonal(offset=start).fill_(-float("inf"))
+        top_sims, top_idx = sims.topk(k_max, dim=1)  # one search serves every k
+        del sims
+        top_labels = key_labels[top_idx]
+        votes = torch.zeros(len(q), num_classes, device=keys.device)
+        sim_sums = torch.zeros(len(q), num_classes, device=keys.device)
+        done = 0
+        for j, k in enumerate(ks):  # grow the vote from the previous k's to this one's
+            votes.scatter_add_(1, top_labels[:, done:k], torch.ones_like(top_sims[:, done:k]))
+            sim_sums.scatter_add_(1, top_labels[:, done:k], top_sims[:, done:k])
+            done = k
+            tied_best = votes == votes.max(1, keepdim=True).values
+            predictions[j, start:start + len(q)] = sim_sums.masked_fill(~tied_best, -float("inf")).argmax(1)
+    return predictions
+
+
+def _check_ks(ks: Sequence[int], limit: int) -> list[int]:
+    if not ks or min(ks) < 1:
+        raise ValueError(f"k must be positive, got {list(ks)}.")
+    return sorted({min(int(k), limit) for k in ks})
+
+
+def knn_predict(
+    train_x: Tensor, train_y: Tensor, query_x: Tensor, k: int, num_classes: int | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Predicted labels of ``query_x`` by a cosine-similarity majority vote of its ``k`` nearest training
+    examples (vote ties: the larger summed similarity), ``chunk_size`` query rows at a time."""
+    num_classes = _num_classes(num_classes, train_y)
+    _check_labelled(train_x, train_y, num_classes, "kNN train")
+    if query_x.ndim != 2 or query_x.shape[1] != train_x.shape[1]:
+        raise ValueError(f"kNN: queries of shape {tuple(query_x.shape)} for {train_x.shape[1]}-dimensional features.")
+    if not 1 <= k <= len(train_x):
+        raise ValueError(f"kNN: k must lie in [1, {len(train_x)}], got {k}.")
+    return _knn_predictions(train_x, train_y, query_x.to(train_x.device), [k], num_classes, chunk_size)[0]
+
+
+def knn_leave_one_out(
+    x: Tensor, y: Tensor, ks: Sequence[int] = DEFAULT_KS, num_classes: int | None = None,
+    measure: str = "top1", chunk_size: int | None = None,
+) -> dict[int, float]:
+    """Leave-one-out score (``measure``) on (x, y) of the cosine kNN vote for each k in ``ks``, capped at
+    N − 1: each example is classified by the others."""
+    if measure not in MEASURES:
+        raise ValueError(f"unknown measure {measure!r}; expected one of {MEASURES}.")
+    num_classes = _num_classes(num_classes, y)
+    _check_labelled(x, y, num_classes, "kNN leave-one-out")
+    if len(x) < 2:
+        raise ValueError("kNN leave-one-out needs at least 2 examples.")
+    ks = _check_ks(ks, len(x) - 1)
+    predictions = _knn_predictions(x, y, None, ks, num_classes, chunk_size)
+    return {k: score(p, y.to(p.device), measure) for k, p in zip(ks, predictions)}
+
+
+def knn_probe(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    num_classes: int | None = None,
+    measure: str = "top1",
+    ks: Sequence[int] = DEFAULT_KS,
+    chunk_size: int | None = None,
+) -> KnnProbeResult:
+    """Table 1's kNN transfer probe: k by leave-one-out on the training set (ties: the smaller k), then the
+    test score in ``measure`` of the vote among the k nearest of the whole training set."""
+    num_classes = _check_probe_inputs(train_x, train_y, test_x, test_y, num_classes, measure)
+    loo = knn_leave_one_out(train_x, train_y, ks, num_classes, measure, chunk_size)
+    k = max(loo, key=lambda k: (loo[k], -k))
+    predictions = knn_predict(train_x, train_y, test_x, k, num_classes, chunk_size)
+    return KnnProbeResult(accuracy=score(predictions, test_y.to(predictions.device), measure), k=k, loo_accuracies=loo)
