@@ -8,7 +8,7 @@ the ``*_dataloader`` hooks, where the DDP process group exists.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -61,10 +61,13 @@ class FFCVImageDataModule(ImageClassificationData):
         self.os_cache = os_cache
         self.make_hint = make_hint
 
-    def labels(self, split: str) -> np.ndarray:
-        return beton_labels(self.train_path if split == "train" else self.val_path, self.make_hint)
+    def _path(self, source: str) -> str:
+        return {"train": self.train_path, "val": self.val_path}.get(source, source)
 
-    def _loader(self, path: str, train: bool) -> EpochAlignedLoader:
+    def labels(self, source: str) -> np.ndarray:
+        return beton_labels(self._path(source), self.make_hint)
+
+    def _loader(self, source: str, train: bool, subset: Optional[np.ndarray] = None) -> EpochAlignedLoader:
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
@@ -79,7 +82,8 @@ class FFCVImageDataModule(ImageClassificationData):
         to_device = [ToDevice(self.device, non_blocking=True)] if on_gpu else []
         image = [*decode, ToTensor(), *to_device, ToTorchImage(channels_last=on_gpu)]
         label = [IntDecoder(), ToTensor(), *to_device]  # (B, 1); flattened on the device
-        num_samples = len(self.labels("train" if train else "val"))
+        path = self._path(source)
+        subset = np.arange(len(self.labels(source))) if subset is None else np.asarray(subset)
         try:
             loader = Loader(
                 path,
@@ -92,7 +96,7 @@ class FFCVImageDataModule(ImageClassificationData):
             )
         except Exception as err:
             raise BetonError(f"Could not open {path} with FFCV ({type(err).__name__}: {err}). {self.make_hint}") from err
-        _EpochShards(lambda epoch: self.shard(num_samples, train, epoch)).install(loader)
+        _EpochShards(lambda epoch: subset[self.shard(len(subset), train, epoch)]).install(loader)
 
         def before_epoch(epoch: int) -> None:
             loader.next_epoch = epoch  # FFCV's own counter restarts at 0 in a new process
@@ -103,10 +107,13 @@ class FFCVImageDataModule(ImageClassificationData):
         return EpochAlignedLoader(loader, self, before_epoch)
 
     def train_dataloader(self):
-        return self._loader(self.train_path, train=True)
+        return self._loader("train", train=True)
 
     def val_dataloader(self):
-        return self._loader(self.val_path, train=False)
+        return self._loader("val", train=False)
 
     def test_dataloader(self):
-        return self._loader(self.val_path, train=False)
+        return self._loader("val", train=False)
+
+    def evaluation_dataloader(self, source: str, subset: Optional[np.ndarray] = None) -> EpochAlignedLoader:
+        return self._loader(source, train=False, subset=subset)

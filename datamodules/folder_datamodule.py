@@ -9,7 +9,7 @@ FFCV's compiled pipeline. Choose it in YAML with
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Literal
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -81,8 +81,9 @@ class ImageFolderDataModule(ImageClassificationData):
         self._splits: dict[str, Split] = {}
 
     def split(self, name: str) -> Split:
+        """"train", "val", or the root of another folder tree (a transfer data set)."""
         if name not in self._splits:
-            self._splits[name] = image_folder(self.train_root if name == "train" else self.val_root)
+            self._splits[name] = image_folder({"train": self.train_root, "val": self.val_root}.get(name, name))
             if name == "val" and self._splits["val"].classes != self.split("train").classes:
                 train, val = set(self.split("train").classes), set(self._splits["val"].classes)
                 raise DataError(
@@ -94,7 +95,7 @@ class ImageFolderDataModule(ImageClassificationData):
     def labels(self, split: str) -> np.ndarray:
         return self.split(split).labels
 
-    def _loader(self, train: bool) -> EpochAlignedLoader:
+    def _loader(self, source: str, train: bool, subset: Optional[np.ndarray] = None) -> EpochAlignedLoader:
         from torchvision.transforms import v2
 
         if train:
@@ -102,8 +103,9 @@ class ImageFolderDataModule(ImageClassificationData):
             steps = [crop, v2.RandomHorizontalFlip()] if self.flip else [crop]
         else:
             steps = [v2.Resize(self.val_resize, antialias=True), v2.CenterCrop(self.image_size)]
-        split = self.split("train" if train else "val")
-        sampler = _ShardSampler(lambda epoch: self.shard(len(split), train, epoch))
+        split = self.split(source)
+        subset = np.arange(len(split)) if subset is None else np.asarray(subset)
+        sampler = _ShardSampler(lambda epoch: subset[self.shard(len(subset), train, epoch)])
         loader = DataLoader(
             _Images(split, v2.Compose([v2.PILToTensor(), *steps]), self.bad_images),
             batch_size=self.batch_size_per_process,
@@ -124,13 +126,16 @@ class ImageFolderDataModule(ImageClassificationData):
         return EpochAlignedLoader(loader, self, before_epoch)
 
     def train_dataloader(self):
-        return self._loader(train=True)
+        return self._loader("train", train=True)
 
     def val_dataloader(self):
-        return self._loader(train=False)
+        return self._loader("val", train=False)
 
     def test_dataloader(self):
-        return self._loader(train=False)
+        return self._loader("val", train=False)
+
+    def evaluation_dataloader(self, source: str, subset: Optional[np.ndarray] = None) -> EpochAlignedLoader:
+        return self._loader(source, train=False, subset=subset)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels, skipped = batch

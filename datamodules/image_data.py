@@ -138,8 +138,20 @@ class ImageClassificationData(L.LightningDataModule):
 
     # --- what a subclass provides ---
 
-    def labels(self, split: str) -> np.ndarray:
-        """Every label of ``split`` ("train" or "val"), without decoding images."""
+    def labels(self, source: str) -> np.ndarray:
+        """Every label of ``source`` ("train", "val", or another data set in this module's format, by path),
+        without decoding images."""
+        raise NotImplementedError
+
+    def transfer_paths(self) -> dict[str, tuple[str, str]]:
+        """Downstream tasks that come with this data, ``{name: (train, test)}`` in this module's format
+        (transfer probes use them when a config names none)."""
+        return {}
+
+    def evaluation_dataloader(self, source: str, subset: Optional[np.ndarray] = None) -> Iterable:
+        """Batches of ``source`` (as in ``labels``) as validation sees them: resize, centre crop, no
+        augmentation. Only the samples ``subset`` (all by default); each is read by exactly one process.
+        Measurements use it for fixed training subsets and for transfer data sets."""
         raise NotImplementedError
 
     # --- shared ---

@@ -243,7 +243,6 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
         self.data_seed = data_seed
 
     def transfer_paths(self) -> dict[str, tuple[str, str]]:
-        """Transfer tasks as ``{name: (train .beton, test .beton)}``."""
         return {"texture": (str(self.root / "texture_train.beton"), str(self.root / "texture_test.beton"))}
 
     def prepare_data(self) -> None:

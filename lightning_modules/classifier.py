@@ -110,6 +110,9 @@ class ObjectiveClassifier(L.LightningModule):
             decay = ema_decay ** (global_batch_size / ema_reference_batch)
             self.ema = ModelEmaV3(self.network, decay=decay)
             self.ema.requires_grad_(False)  # updated by averaging, never by the optimiser (or DDP)
+            # Its mode follows the module's like every child (eval whenever it is evaluated); timm leaves
+            # it in eval, which Lightning would flag at the start of fit.
+            self.ema.train()
 
         top5 = min(5, num_classes)
         self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")

@@ -56,6 +56,9 @@ def _require(condition: bool, message: str) -> None:
 class Objective(nn.Module):
     """Base class: plain linear logits ``z = W x + b`` fed to softmax cross-entropy (Eq. 1)."""
 
+    # How calibration turns logits into class probabilities (measurements.calibration).
+    probability_kind = "softmax"
+
     def init_head(self, head: nn.Linear) -> None:
         nn.init.normal_(head.weight, std=HEAD_INIT_STD)
         nn.init.zeros_(head.bias)
@@ -65,6 +68,10 @@ class Objective(nn.Module):
 
     def loss_terms(self, logits: Tensor, target: Tensor, head: nn.Linear) -> dict[str, Tensor]:
         return {"cross_entropy": F.cross_entropy(logits, target)}
+
+    def class_weights(self, head: nn.Linear) -> Tensor:
+        """The class weight vectors w_c the logits use (neural-collapse statistics, Table E.2)."""
+        return head.weight
 
     def config(self) -> dict[str, object]:
         """The objective as LightningCLI writes it (class_path, init_args), recorded with each run."""
@@ -109,6 +116,8 @@ class Sigmoid(Objective):
     Args:
         variant: "paper" (bias initialised to -log K) or "released" (logits shifted by -log K).
     """
+
+    probability_kind = "sigmoid_normalised"  # per-class sigmoids, normalised to sum to 1 (Table C.3)
 
     def __init__(self, variant: Literal["paper", "released"] = "paper"):
         super().__init__()
@@ -193,8 +202,11 @@ class CosineSoftmax(Objective):
         self.loss_scale = loss_scale
         self.variant = variant
 
+    def class_weights(self, head: nn.Linear) -> Tensor:
+        return F.normalize(head.weight, dim=1)  # Table E.2 reports Std ||w_c|| = 0 for cosine softmax
+
     def logits(self, features: Tensor, head: nn.Linear) -> Tensor:
-        w = F.normalize(head.weight, dim=1)
+        w = self.class_weights(head)
         if self.variant == "paper":
             return F.linear(F.normalize(features, dim=1), w) / self.temperature + head.bias
         return F.linear(features, w, head.bias) / self.temperature
@@ -252,8 +264,15 @@ class _HeadRegularizer(Objective):
         super().__init__()
         self.loss = loss if loss is not None else Softmax()
 
+    @property
+    def probability_kind(self) -> str:
+        return self.loss.probability_kind
+
     def init_head(self, head: nn.Linear) -> None:
         self.loss.init_head(head)
+
+    def class_weights(self, head: nn.Linear) -> Tensor:
+        return self.loss.class_weights(head)
 
     def logits(self, features: Tensor, head: nn.Linear) -> Tensor:
         return self.loss.logits(features, head)

@@ -249,3 +249,13 @@ def test_all_nine_objectives_are_registered():
         "Softmax", "LabelSmoothing", "Sigmoid", "ExtraFinalL2", "PenultimateDropout",
         "LogitPenalty", "LogitNorm", "CosineSoftmax", "SquaredError",
     }
+
+
+def test_measurements_see_the_class_weights_and_probabilities_each_objective_uses():
+    head = torch.nn.Linear(4, 3)
+    torch.nn.init.normal_(head.weight, std=3.0)
+    cosine = PenultimateDropout(loss=CosineSoftmax())  # a wrapper answers for the loss it wraps
+    assert torch.allclose(cosine.class_weights(head).norm(dim=1), torch.ones(3))
+    assert Softmax().class_weights(head) is head.weight
+    assert PenultimateDropout(loss=Sigmoid()).probability_kind == "sigmoid_normalised"
+    assert LabelSmoothing().probability_kind == "softmax"

@@ -1,0 +1,148 @@
+"""What every measurement callback shares: when it runs, on which weights, and where its numbers go.
+
+A measurement runs every ``every_n_epochs`` training epochs and once more at the end of fit (if the
+last epoch was not already measured), on the weights that validation evaluates (the EMA when it is on),
+in eval mode and under the trainer's precision. Its numbers go to every logger (TensorBoard: one curve
+per tag, at the global step) and to ``measurements.json`` beside the run's logs: for every evaluated
+epoch, every measurement, with the objective, the hyper-parameters and the run's config, for reports
+to aggregate later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+__all__ = ["MeasurementCallback", "gather_rows", "summary_path"]
+
+SUMMARY_FILE = "measurements.json"
+
+
+def summary_path(trainer: L.Trainer) -> Path:
+    return Path(trainer.log_dir or trainer.default_root_dir) / SUMMARY_FILE
+
+
+def gather_rows(module: L.LightningModule, rows: Tensor) -> Tensor:
+    """Concatenate every process's ``rows`` (its own number of them) on every process, in rank order."""
+    if module.trainer is None or module.trainer.world_size == 1:
+        return rows
+    counts = module.all_gather(torch.tensor(rows.shape[0], device=rows.device))
+    padded = torch.zeros((int(counts.max()), *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    padded[: rows.shape[0]] = rows
+    gathered = module.all_gather(padded)  # (world, max_rows, ...)
+    return torch.cat([gathered[r, : int(n)] for r, n in enumerate(counts)])
+
+
+class MeasurementCallback(Callback):
+    """Base of the measurement callbacks: subclasses implement ``measure`` and return tag -> value
+    (plus optional TensorBoard figures by tag)."""
+
+    def __init__(self, every_n_epochs: int = 1):
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}.")
+        self.every_n_epochs = every_n_epochs
+        self._last_measured_step: Optional[int] = None
+        self._last_scalars: dict[str, float] = {}
+        self._loaders: dict[tuple[int, str], object] = {}
+        self._fit_started, self.seconds = time.perf_counter(), 0.0  # time spent measuring, for its share of the fit
+
+    def measure(self, trainer: L.Trainer, module: L.LightningModule) -> tuple[dict[str, float], dict[str, object]]:
+        raise NotImplementedError
+
+    def loader(self, trainer: L.Trainer, source: str, subset=None):
+        """The data module's evaluation loader for ``source``, built once and reused at every measurement
+        (an FFCV loader compiles its pipeline when built: seconds that would recur every time)."""
+        key = (id(trainer.datamodule), source)
+        if key not in self._loaders:
+            self._loaders[key] = trainer.datamodule.evaluation_dataloader(source, subset)
+        return self._loaders[key]
+
+    # --- schedule ---
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._run(trainer, module)
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._fit_started, self.seconds = time.perf_counter(), 0.0
+
+    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._last_measured_step != trainer.global_step:
+            self._run(trainer, module)
+        if trainer.is_global_zero and self._last_scalars:
+            share = self.seconds / max(time.perf_counter() - self._fit_started, 1e-9)
+            print(final_summary(type(self).__name__, trainer, self._last_scalars))
+            print(f"  {type(self).__name__} took {self.seconds:.1f} s, {100 * share:.1f} % of the fit's wall time")
+
+    def _run(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        start = time.perf_counter()
+        with self.evaluating(trainer, module):
+            scalars, figures = self.measure(trainer, module)
+        self.seconds += time.perf_counter() - start
+        self._last_measured_step, self._last_scalars = trainer.global_step, scalars
+        if trainer.is_global_zero:
+            record(trainer, module, scalars, figures)
+
+    @staticmethod
+    @contextmanager
+    def evaluating(trainer: L.Trainer, module: L.LightningModule):
+        """Eval mode, no gradients, the trainer's autocast; the training mode is restored after."""
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                yield
+        finally:
+            module.train(was_training)
+
+
+def final_summary(name: str, trainer: L.Trainer, scalars: dict[str, float]) -> str:
+    """The end-of-fit numbers a reader wants first; per-block values are left to TensorBoard and the JSON."""
+    lines = [f"{name} at step {trainer.global_step} (all of them in {summary_path(trainer)}):"]
+    for tag, value in scalars.items():
+        layer = tag.rsplit("/", 1)[-1]
+        if tag.startswith(("class_separation/", "relu_nonzero/")) and layer != "penultimate":
+            continue
+        lines.append(f"  {tag:<40} {value:.4g}")
+    return "\n".join(lines)
+
+
+def record(trainer: L.Trainer, module: L.LightningModule, scalars: dict[str, float], figures: dict[str, object]) -> None:
+    """Log to every logger at the global step and merge into the run's measurements.json (rank 0)."""
+    step = trainer.global_step
+    for logger in trainer.loggers:
+        logger.log_metrics(scalars, step=step)
+        if isinstance(logger, TensorBoardLogger):
+            for tag, figure in figures.items():
+                logger.experiment.add_figure(tag, figure, global_step=step)
+        logger.save()
+    for figure in figures.values():
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+
+    path = summary_path(trainer)
+    summary = json.loads(path.read_text()) if path.is_file() else {"evaluations": []}
+    summary["objective"] = module.hparams.get("objective")
+    summary["hparams"] = {k: v for k, v in module.hparams.items() if k != "objective"}
+    config = path.parent / "config.yaml"
+    if config.is_file():
+        summary["config"] = config.read_text()
+    evaluations = {e["step"]: e for e in summary["evaluations"]}  # a resumed run re-measures a step: replace
+    entry = evaluations.setdefault(step, {"epoch": trainer.current_epoch, "step": step, "measurements": {}})
+    entry["measurements"].update({tag: float(v) for tag, v in scalars.items()})
+    summary["evaluations"] = [evaluations[s] for s in sorted(evaluations)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".json.{os.getpid()}.partial")
+    partial.write_text(json.dumps(summary, indent=1, default=str))
+    partial.replace(path)  # never a half-written summary

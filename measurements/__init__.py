@@ -1,0 +1,19 @@
+"""The mathematics of the measurements: pure functions and torchmetrics Metrics, tensors in, numbers out.
+
+Callbacks (``callbacks/``) gather activations during training and call these; the same functions serve
+offline analysis of saved checkpoints. Each is tested against a brute-force or textbook computation.
+"""
+
+from .class_separation import ClassSeparation, class_separation, class_separation_from_sums
+from .relu_sparsity import NonzeroFraction, relu_nonzero_fraction
+from .neural_collapse import NeuralCollapseStats, neural_collapse_statistics
+from .calibration import calibration_statistics, expected_calibration_error, fit_temperature, negative_log_likelihood, probabilities
+from .probes import KnnProbeResult, LinearProbeResult, knn_probe, linear_probe, score
+
+__all__ = [
+    "class_separation", "class_separation_from_sums", "ClassSeparation",
+    "relu_nonzero_fraction", "NonzeroFraction",
+    "NeuralCollapseStats", "neural_collapse_statistics",
+    "calibration_statistics", "expected_calibration_error", "fit_temperature", "negative_log_likelihood", "probabilities",
+    "linear_probe", "knn_probe", "score", "LinearProbeResult", "KnnProbeResult",
+]

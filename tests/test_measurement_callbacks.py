@@ -1,0 +1,99 @@
+"""The measurement callbacks in a real fit: every tag in TensorBoard, figures, the JSON summary, and the
+logged numbers equal the pure functions applied to the EMA network's features computed here."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from callbacks import TransferProbes
+from callbacks.representation import balanced_subset
+from measurements import class_separation, relu_nonzero_fraction
+
+from .helpers import ffcv_datamodule, write_indexed_beton
+from .test_training import fit
+
+
+@pytest.fixture(scope="module")
+def measured_run(tmp_path_factory, shapes_root):
+    tmp = tmp_path_factory.mktemp("measured")
+    # The quickstart's own callbacks; with one epoch, each measures once, at the end of fit.
+    run = fit(tmp, shapes_root, "--trainer.limit_train_batches=3")
+    events = EventAccumulator(run.trainer.log_dir, size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return run, events
+
+
+def test_every_measurement_is_logged_under_its_tag(measured_run):
+    run, events = measured_run
+    scalars = set(events.Tags()["scalars"])
+    layers = [*run.model.eval_network.blocks(), "penultimate"]
+    expected = {f"class_separation/{split}/{layer}" for split in ("train", "val") for layer in layers}
+    expected |= {f"relu_nonzero/{layer}" for layer in layers}
+    expected |= {f"neural_collapse/{k}" for k in ("within_over_between", "self_duality", "cos_mean_shift_avg",
+                                                   "std_over_avg_mean_norm", "std_over_avg_weight_norm")}
+    expected |= {f"calibration/{k}" for k in ("nll", "ece", "nll_tempscaled", "ece_tempscaled")}
+    expected |= {f"probe/texture/{k}" for k in ("linear_acc", "knn_acc", "linear_l2", "knn_k")}
+    assert expected <= scalars, sorted(expected - scalars)
+    assert {"class_separation/by_layer", "relu_nonzero/by_layer"} <= set(events.Tags()["images"])
+    assert len(events.Scalars("class_separation/val/penultimate")) == 1
+
+
+def test_logged_numbers_are_those_of_the_ema_network(measured_run):
+    run, events = measured_run
+    model, data = run.model, run.datamodule
+    assert model.ema is not None
+
+    def last(tag):
+        return events.Scalars(tag)[-1].value
+
+    def features(source, subset=None):
+        xs, ys = [], []
+        with torch.no_grad():
+            for images, labels in data.evaluation_dataloader(source, subset):
+                images, labels = data.on_after_batch_transfer((images, labels), 0)
+                xs.append(model.ema.module.eval()(images))
+                ys.append(labels.clone())
+        return torch.cat(xs), torch.cat(ys)
+
+    subset = balanced_subset(data.labels("train"), 2000, seed=0)  # the quickstart's train_images
+    train_x, train_y = features("train", subset)
+    assert len(train_y) == len(subset) and torch.bincount(train_y).max() <= 2000 // 60
+    assert last("class_separation/train/penultimate") == pytest.approx(class_separation(train_x, train_y), abs=1e-5)
+    val_x, val_y = features("val")
+    assert last("class_separation/val/penultimate") == pytest.approx(class_separation(val_x, val_y), abs=1e-5)
+    assert last("relu_nonzero/penultimate") == pytest.approx(relu_nonzero_fraction(val_x), abs=1e-6)
+    assert 0 <= last("calibration/ece") <= 1 and last("calibration/nll") > 0
+    assert 0 <= last("probe/texture/linear_acc") <= 1 and last("probe/texture/knn_k") >= 1
+
+
+def test_summary_json_holds_every_evaluation_with_objective_and_config(measured_run):
+    run, events = measured_run
+    summary = json.loads((Path(run.trainer.log_dir) / "measurements.json").read_text())
+    assert summary["objective"]["class_path"].endswith("Softmax")
+    assert "lr_per_256" in summary["hparams"] and "seed_everything" in summary["config"]
+    (evaluation,) = summary["evaluations"]
+    assert evaluation["step"] == run.trainer.global_step
+    logged = {tag for tag in events.Tags()["scalars"] if tag.split("/")[0] in
+              ("class_separation", "relu_nonzero", "neural_collapse", "calibration", "probe")}
+    assert set(evaluation["measurements"]) == logged
+
+
+def test_transfer_probes_without_data_sets_say_how_to_name_them(tmp_path):
+    data = ffcv_datamodule(write_indexed_beton(tmp_path / "d.beton", 8))
+    with pytest.raises(ValueError, match="comes with none, so name them"):
+        TransferProbes().measure(SimpleNamespace(datamodule=data), None)
+
+
+def test_the_printed_summary_keeps_the_headline_numbers(tmp_path):
+    from callbacks.measurement import final_summary
+
+    trainer = SimpleNamespace(global_step=40, log_dir=str(tmp_path), default_root_dir=str(tmp_path))
+    text = final_summary("RepresentationMeasurements", trainer, {
+        "class_separation/val/penultimate": 0.41, "class_separation/val/layer1.0": 0.05,
+        "relu_nonzero/penultimate": 0.6, "probe/texture/linear_acc": 0.83})
+    assert "class_separation/val/penultimate" in text and "probe/texture/linear_acc" in text and "0.83" in text
+    assert "layer1.0" not in text and str(tmp_path / "measurements.json") in text
