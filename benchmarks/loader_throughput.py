@@ -5,8 +5,8 @@ to compress like real images) with the same augmentation (random-resized crop to
 and worker count, and are interleaved in rounds so machine noise hits them alike:
 
 - ``ffcv/datamodule``: ``FFCVImageDataModule.train_dataloader()``, as training uses it
-- ``ffcv/Loader``:     FFCV's ``Loader`` built by hand with the same pipeline (the data module's overhead
-                       is the difference)
+- ``ffcv/Loader``:     FFCV's ``Loader`` built by hand with the same pipeline as the data module builds on
+                       the CPU (the data module's overhead is the difference)
 - ``torchvision``:     ``ImageFolderDataModule`` (PIL decode in DataLoader worker processes)
 
 Also the writer: images/s and the file size with ffcv-imagenet's ResNet-50 settings.
@@ -83,15 +83,16 @@ def main():
         direct = Loader(
             str(beton), batch_size=args.batch, num_workers=args.workers, order=OrderOption.RANDOM, drop_last=True,
             pipelines={"image": [RandomResizedCropRGBImageDecoder((224, 224), scale=(0.1, 1.0), ratio=(3 / 4, 4 / 3)),
-                                 RandomHorizontalFlip(), ToTensor(), ToTorchImage()],
+                                 RandomHorizontalFlip(), ToTensor(), ToTorchImage(channels_last=False)],
                        "label": [IntDecoder(), ToTensor()]},
         )
-        arms = {"ffcv/datamodule": ffcv_data.train_dataloader, "ffcv/Loader": lambda: direct,
-                "torchvision": torch_data.train_dataloader}
-        rates = {name: [] for name in arms}
+        # One loader per arm for every round, as a fit keeps its loaders for all epochs.
+        loaders = {"ffcv/datamodule": ffcv_data.train_dataloader(), "ffcv/Loader": direct,
+                   "torchvision": torch_data.train_dataloader()}
+        rates = {name: [] for name in loaders}
         for _ in range(args.repeats):
-            for name, make in arms.items():
-                rates[name].append(images_per_second(make(), args.batches))
+            for name, loader in loaders.items():
+                rates[name].append(images_per_second(loader, args.batches))
 
     print(f"\n{args.images} JPEGs 500x375 q90 ({jpeg_bytes / args.images / 1024:.0f} KiB each), batch {args.batch}, "
           f"{args.workers} workers, crop 224 + flip, {args.batches} timed batches x {args.repeats} rounds")
