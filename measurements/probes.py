@@ -12,9 +12,10 @@ Scores are fractions in [0, 1].
 
 i.e. λ applies to the *sum* of per-example losses, as in the paper. scikit-learn's
 ``LogisticRegression(C=...)`` minimises C·Σ_i CE + ½‖W‖², the same problem with λ = 1/C. The optimiser
-is full-batch L-BFGS (strong-Wolfe line search) on L/N, stopping when max |∇(L/N)| ≤ ``tol``: the same
-objective scaling and stopping rule as scikit-learn's ``lbfgs`` solver with ``tol``, so tolerances
-compare one for one. λ runs over 45 log-spaced values in [1e-6, 1e5] (a quarter decade apart).
+is full-batch L-BFGS (a compact one for convex objectives, ``_minimise_convex``) on L/N, stopping when
+max |∇(L/N)| ≤ ``tol``: the same objective scaling and stopping rule as scikit-learn's ``lbfgs`` solver
+with ``tol``, so tolerances compare one for one. λ runs over 45 log-spaced values in [1e-6, 1e5] (a
+quarter decade apart).
 
 Features are *not* standardised (the paper fits the network's features as they are, so the λ grid
 applies to their own scale). Each fit centres them on its training mean internally, which is exact,
@@ -33,6 +34,7 @@ serves every candidate k, so extra memory is O(chunk_size·N + N·len(ks)), neve
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,7 +65,6 @@ DEFAULT_KS = (1, 3, 5, 10, 20, 50, 100, 200)
 # Bounds of default_chunk_size.
 _CHUNK_FLOATS = 2**26
 _MAX_CHUNK = 1024
-_HIST = [10]
 
 
 @dataclass
@@ -170,6 +171,62 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _lbfgs_direction(grad: Tensor, pairs: deque[tuple[Tensor, Tensor]]) -> Tensor:
+    """−H∇f by the two-loop recursion over the stored (step s, gradient change y) pairs, with the initial
+    inverse Hessian sᵀy/yᵀy · I of the newest pair (Nocedal and Wright, Algorithm 7.4)."""
+    q, alphas = -grad, []
+    for s, y in reversed(pairs):
+        alpha = s.dot(q) / s.dot(y)
+        q = q - alpha * y
+        alphas.append(alpha)
+    if pairs:
+        s, y = pairs[-1]
+        q = q * (s.dot(y) / y.dot(y))
+    for (s, y), alpha in zip(pairs, reversed(alphas)):
+        q = q + (alpha - y.dot(q) / s.dot(y)) * s
+    return q
+
+
+def _minimise_convex(objective, theta: Tensor, max_iter: int, tol: float, history: int = 10) -> Tensor:
+    """L-BFGS (Nocedal 1980) for a smooth *convex* f: θ ← θ + t·d with d = −H∇f from the last ``history``
+    pairs (as scipy's default), and t backtracked from 1 by safeguarded quadratic interpolation until
+    Armijo's sufficient decrease holds. Convexity makes sᵀy ≥ 0 for any step, so the Wolfe curvature
+    condition that a general L-BFGS line search enforces, at the price of extra evaluations, is not
+    needed; pairs with sᵀy ≈ 0 are skipped. ``objective(θ)`` returns (f as a float, ∇f).
+
+    Stops when max |∇f| ≤ ``tol``, after ``max_iter`` iterations, or when f stops decreasing at float
+    resolution (relative decrease ≤ the dtype's ε: scipy's ``ftol`` test), beyond which float32 cannot go.
+    """
+    eps = torch.finfo(theta.dtype).eps
+    loss, grad = objective(theta)
+    pairs: deque[tuple[Tensor, Tensor]] = deque(maxlen=history)
+    for _ in range(max_iter):
+        if grad.abs().max() <= tol:
+            break
+        direction = _lbfgs_direction(grad, pairs)
+        slope = float(grad.dot(direction))
+        if not slope < 0:  # H is positive definite, so only at float resolution (or NaN): stop
+            break
+        # No curvature known yet: a first step of length at most 1 in the ℓ1 norm (torch's LBFGS rule).
+        step = 1.0 if pairs else min(1.0, 1.0 / float(grad.abs().sum()))
+        for _ in range(30):
+            new_loss, new_grad = objective(theta + step * direction)
+            if new_loss <= loss + 1e-4 * step * slope:
+                break
+            # Minimum of the quadratic through f(0), f'(0) and f(step), kept within [0.1, 0.5] · step.
+            step *= min(0.5, max(0.1, -slope * step / (2 * (new_loss - loss - slope * step))))
+        else:
+            break  # no decrease found: the line is flat at float resolution
+        s, y = step * direction, new_grad - grad
+        if s.dot(y) > eps * y.dot(y):
+            pairs.append((s, y))
+        stalled = loss - new_loss <= eps * max(abs(loss), abs(new_loss), 1.0)
+        theta, loss, grad = theta + s, new_loss, new_grad
+        if stalled:
+            break
+    return theta
+
+
 def fit_logistic_regression(
     x: Tensor,
     y: Tensor,
@@ -183,51 +240,46 @@ def fit_logistic_regression(
     with λ = ``l2`` (scikit-learn's C = 1/λ), for ``x`` as given (not standardised; centred internally,
     which changes only the speed, on one centred copy of ``x``).
 
-    Full-batch L-BFGS (``torch.optim.LBFGS``, strong-Wolfe line search, 10 correction pairs) from
-    ``init`` (a warm start) or zeros, for at most ``max_iter`` iterations (and 1.25 · ``max_iter`` loss
-    evaluations), stopping once
-    max |∇(L/N)| ≤ ``tol`` (scikit-learn's ``lbfgs`` rule, whose default ``tol`` is the same 1e-4) or
-    when L/N stops changing at float resolution. Computed in float32 (float64 if ``x`` is float64) on
-    ``x``'s device; the returned tensors are new.
+    Full-batch L-BFGS (``_minimise_convex``: 10 correction pairs, backtracking line search) on L/N from
+    ``init`` (a warm start) or zeros, for at most ``max_iter`` iterations, stopping once
+    max |∇(L/N)| ≤ ``tol`` (scikit-learn's ``lbfgs`` rule; its default ``tol`` is the same 1e-4) or when
+    L/N stops changing at float resolution. Computed in float32 (float64 if ``x`` is float64) on ``x``'s
+    device; the returned tensors are new.
     """
     _check_labelled(x, y, num_classes, "logistic regression")
     if l2 < 0:
         raise ValueError(f"the L2 strength must be non-negative, got {l2}.")
     dtype = _compute_dtype(x)
     n, d = x.shape
+    c = num_classes
+    if init is None:
+        init = (torch.zeros(d, c, dtype=dtype, device=x.device), torch.zeros(c, dtype=dtype, device=x.device))
+    if init[0].shape != (d, c) or init[1].shape != (c,):
+        raise ValueError(f"init must be ({d} × {c}, {c}), got {tuple(init[0].shape)} and {tuple(init[1].shape)}.")
     # Centring is exact (the unregularised bias absorbs it: see the module docstring) and makes L-BFGS
-    # converge several times faster on features far from the origin. Optimised: b' = b + mW.
+    # converge several times faster on features far from the origin. Optimised: (W, b' = b + mW).
     mean = x.to(dtype).mean(0)
     x, y = x.to(dtype) - mean, y.to(x.device)
-    if init is None:
-        init = (torch.zeros(d, num_classes, dtype=dtype, device=x.device), torch.zeros(num_classes, dtype=dtype, device=x.device))
-    if init[0].shape != (d, num_classes) or init[1].shape != (num_classes,):
-        raise ValueError(f"init must be ({d} × {num_classes}, {num_classes}), "
-                         f"got {tuple(init[0].shape)} and {tuple(init[1].shape)}.")
-    # Wᵀ (C × D) is the variable: both products below then run in the layouts BLAS is fastest in.
-    weight_t = init[0].detach().to(x.device, dtype).T.contiguous()
-    bias = init[1].detach().to(x.device, dtype) + mean @ weight_t.T
+    weight, bias = (t.detach().to(x.device, dtype) for t in init)
+    # θ = [Wᵀ (C × D, row-major), b']: both products below then run in the layouts BLAS is fastest in.
+    theta = torch.cat([weight.T.flatten(), bias + mean @ weight])
     rows = torch.arange(n, device=x.device)
 
-    def closure() -> Tensor:
-        # Loss and analytic gradient in one pass: ∇_W = Xᵀ(P − Y) + λW, ∇_b = Σ_i (p_i − y_i), all / N.
+    def objective(theta: Tensor) -> tuple[float, Tensor]:
+        # L/N and its gradient in one pass: ∇_W = Xᵀ(P − Y) + λW, ∇_b = Σ_i (p_i − y_i), all / N.
+        weight_t, bias = theta[: c * d].view(c, d), theta[c * d:]
         log_p = torch.log_softmax(torch.addmm(bias, x, weight_t.T), dim=1)  # faster than logsumexp on CPU
         loss = (0.5 * l2 * weight_t.square().sum() - log_p[rows, y].sum()) / n
         p = log_p.exp_()
         p[rows, y] -= 1
-        weight_t.grad = torch.addmm(weight_t, p.T, x, beta=l2).div_(n)
-        bias.grad = p.sum(0).div_(n)
-        return loss
+        grad = torch.empty_like(theta)
+        torch.addmm(weight_t, p.T, x, beta=l2, out=grad[: c * d].view(c, d))
+        torch.sum(p, 0, out=grad[c * d:])
+        return float(loss), grad.div_(n)
 
-    # scipy's (and so scikit-learn's) history of 10 pairs; stop also when an iteration changes L/N by
-    # less than the float resolution, where float32 can make no further progress.
-    optimiser = torch.optim.LBFGS(
-        [weight_t, bias], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=torch.finfo(dtype).eps,
-        history_size=_HIST[0], line_search_fn="strong_wolfe",
-    )
-    with torch.no_grad():
-        optimiser.step(closure)
-    return weight_t.T, bias - mean @ weight_t.T
+    theta = _minimise_convex(objective, theta, max_iter, tol)
+    weight = theta[: c * d].view(c, d).T
+    return weight, theta[c * d:] - mean @ weight
 
 
 def linear_probe(
@@ -246,10 +298,11 @@ def linear_probe(
     """Appendix A.2's linear transfer probe: select λ on a validation split, refit, score the test set.
 
     ``strengths`` (default: the 45 values 10^(-6 + i/4)) are swept from the strongest to the weakest,
-    each fit warm-started from the previous solution. The appendix warm-starts while *increasing* λ; each
-    fit is convex, so the direction changes only the cost (and, where a fit stops at ``max_iter``, how
-    far it got): from strong to weak, the first fits start near their solution at zero and each solution
-    is close to the next, while the weakest fits, the slowest to converge, start from a good guess. Each fit sees the training set less a stratified validation split
+    each fit warm-started from the previous solution. (The appendix warm-starts while *increasing* λ.
+    Each fit is convex, so the direction changes only the cost, and where a fit stops at ``max_iter``,
+    how far it got: from strong to weak, the first fit starts at zero, next to its heavily regularised
+    solution, and the weakly regularised fits, the hardest, start from a nearby solution rather than from
+    one even less regularised.) Each fit sees the training set less a stratified validation split
     (``val_fraction`` of each class, from ``seed``) and is scored on that split in ``measure``; the best
     λ wins, ties going to the stronger regularisation. The probe is then refit on train + validation
     with that λ, warm-started from its sweep solution, and scored on the test set.

@@ -21,8 +21,8 @@ from measurements.probes import (
 
 
 def blobs(n, dim=32, classes=5, spread=4.0, offset=1.0, seed=0, dtype=torch.float32):
-    """Overlapping Gaussian blobs around a common offset (like post-ReLU features, far from the origin),
-    unbalanced classes; overlap keeps the best accuracy well below 100 %."""
+    """Overlapping Gaussian blobs around a common offset (features with a non-zero mean, like post-ReLU
+    ones), unbalanced classes; the overlap keeps the best accuracy well below 100 %."""
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(classes, dim, generator=g, dtype=torch.float64) + offset
     weights = torch.linspace(1.0, 2.0, classes, dtype=torch.float64)
@@ -51,7 +51,8 @@ def test_score_top1_and_mean_per_class_by_hand():
 
 
 def test_stratified_split_is_per_class_disjoint_and_deterministic():
-    labels = torch.tensor([0] * 50 + [1] * 10 + [2] * 2 + [3] * 1)[torch.randperm(63, generator=torch.Generator().manual_seed(1))]
+    shuffle = torch.randperm(63, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0] * 50 + [1] * 10 + [2] * 2 + [3] * 1)[shuffle]
     train, val = stratified_split(labels, 0.2, seed=3)
     assert sorted(torch.cat([train, val]).tolist()) == list(range(63))
     assert torch.bincount(labels[val], minlength=4).tolist() == [10, 2, 0, 0]  # round(0.2·n), never a class's last
@@ -164,7 +165,8 @@ def test_knn_predictions_equal_sklearn_where_the_vote_is_not_tied():
     queries, _ = blobs(200, dim=16, classes=4, spread=4.0, seed=7)
     k = 6
     ours = knn_predict(x, y, queries, k)
-    theirs = torch.from_numpy(KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(x.numpy(), y.numpy()).predict(queries.numpy()))
+    clf = KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(x.numpy(), y.numpy())
+    theirs = torch.from_numpy(clf.predict(queries.numpy()))
     near = (torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(x, dim=1).T).topk(k).indices
     counts = torch.nn.functional.one_hot(y[near], 4).sum(1).sort(1, descending=True).values
     untied = counts[:, 0] > counts[:, 1]
@@ -178,7 +180,8 @@ def test_leave_one_out_equals_brute_force_for_every_k(measure):
     x, y = blobs(150, dim=12, classes=4, spread=3.0, seed=8)
     ks = [1, 2, 3, 4, 5, 10, 20, 50, 200]  # even k: vote ties; 200 > N − 1 is capped to 149
     loo = knn_leave_one_out(x, y, ks, measure=measure)
-    expected = {k: score(p, y, measure) for k, p in brute_force_votes(x, y, x, [*ks[:-1], 149], leave_one_out=True).items()}
+    brute = brute_force_votes(x, y, x, [*ks[:-1], 149], leave_one_out=True)
+    expected = {k: score(p, y, measure) for k, p in brute.items()}
     assert loo == pytest.approx(expected, abs=1e-12) and list(loo) == [*ks[:-1], 149]
     for chunk in [1, 7, len(x)]:
         assert knn_leave_one_out(x, y, ks, measure=measure, chunk_size=chunk) == loo
