@@ -1,7 +1,7 @@
 # The few commands a newcomer needs. Each one sets up first (idempotent, fast when already done).
 PY := .venv/bin/python
 
-.PHONY: setup quickstart test benchmark benchmark-loader tensorboard
+.PHONY: setup quickstart test benchmark benchmark-loader benchmark-probes tensorboard
 
 setup:
 	bash scripts/setup.sh
@@ -17,6 +17,9 @@ benchmark: setup  ## training-step overhead: LightningModule + FFCV vs a plain P
 
 benchmark-loader: setup  ## loader img/s: FFCV data module vs FFCV's Loader vs torchvision; writer speed
 	$(PY) benchmarks/loader_throughput.py
+
+benchmark-probes: setup  ## linear-probe sweep vs scikit-learn; kNN leave-one-out time and memory
+	$(PY) benchmarks/probe_speed.py
 
 tensorboard: setup
 	.venv/bin/tensorboard --logdir runs
