@@ -12,6 +12,7 @@ from jsonargparse import lazy_instance
 
 from datamodules import ImageClassificationData
 from lightning_modules import ObjectiveClassifier
+from lightning_modules.atomic_checkpoint import AtomicCheckpointIO
 
 
 class TransferStudyCLI(LightningCLI):
@@ -27,6 +28,7 @@ def trainer_defaults() -> dict:
     return {
         "logger": lazy_instance(TensorBoardLogger, save_dir="runs"),
         "callbacks": [ModelCheckpoint(save_last=True, filename="epoch{epoch:03d}", auto_insert_metric_name=False)],
+        "plugins": [AtomicCheckpointIO()],  # a write cut short never replaces the last good checkpoint
     }
 
 
