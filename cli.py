@@ -5,9 +5,11 @@ argument is a knob (``python cli.py fit --help``) that the command line can over
 ``--model.objective=CosineSoftmax --model.objective.temperature=0.03``.
 """
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from jsonargparse import lazy_instance
 
 from datamodules import ImageClassificationData
@@ -21,6 +23,15 @@ class TransferStudyCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.global_batch_size", "model.global_batch_size", apply_on="instantiate")
 
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        # A checkpoint write cut short never replaces the last good one. Installed here rather than as a
+        # trainer default: jsonargparse cannot write a plugin instance into the run's config.yaml, which
+        # must stay loadable for `fit --config <run>/config.yaml`.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
 
 # Every run writes TensorBoard logs and keeps a last.ckpt (for --ckpt_path=last and requeued jobs);
 # the checkpoint callback is added to whatever callbacks a config lists.
@@ -28,7 +39,6 @@ def trainer_defaults() -> dict:
     return {
         "logger": lazy_instance(TensorBoardLogger, save_dir="runs"),
         "callbacks": [ModelCheckpoint(save_last=True, filename="epoch{epoch:03d}", auto_insert_metric_name=False)],
-        "plugins": [AtomicCheckpointIO()],  # a write cut short never replaces the last good checkpoint
     }
 
 

@@ -40,6 +40,10 @@ def test_the_new_checkpoint_takes_the_name_by_one_rename_in_the_same_folder(tmp_
     assert io.load_checkpoint(path)["step"] == 3
 
 
-def test_every_run_writes_checkpoints_atomically():
+def test_every_run_writes_checkpoints_atomically_and_its_saved_config_reloads(tmp_path):
     built = cli.main(["--config", str(REPO / "configs/imagenet/softmax.yaml")], run=False)
     assert isinstance(built.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    saved = tmp_path / "config.yaml"  # as SaveConfigCallback writes it beside every run
+    built.parser.save(built.config, saved, skip_none=False, overwrite=True, multifile=False)
+    again = cli.main(["--config", str(saved)], run=False)
+    assert isinstance(again.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
