@@ -72,15 +72,24 @@ class TransferProbes(MeasurementCallback):
         self.linear = linear
         self.knn = knn
 
-    def measure(self, trainer: L.Trainer, module: L.LightningModule):
+    def _datasets(self, trainer: L.Trainer) -> dict[str, TransferData]:
         datasets = self.datasets or {n: TransferData(*paths) for n, paths in trainer.datamodule.transfer_paths().items()}
         if not datasets:
             raise ValueError(
                 f"TransferProbes has no data set: {type(trainer.datamodule).__name__} comes with none, so name them: "
                 "datasets: {cifar10: {train: /data/ffcv/cifar10_train.beton, test: /data/ffcv/cifar10_test.beton}}."
             )
+        return datasets
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, module)
+        # A missing or unreadable file stops the run now, with how to make it, not after the last epoch.
+        for spec in self._datasets(trainer).values():
+            trainer.datamodule.labels(spec.train), trainer.datamodule.labels(spec.test)
+
+    def measure(self, trainer: L.Trainer, module: L.LightningModule):
         scalars: dict[str, float] = {}
-        for name, spec in datasets.items():
+        for name, spec in self._datasets(trainer).items():
             train_x, train_y = penultimate_features(trainer, module, self.loader(trainer, spec.train))
             test_x, test_y = penultimate_features(trainer, module, self.loader(trainer, spec.test))
             if not trainer.is_global_zero:  # every process extracted its shard; one fits the probes

@@ -88,6 +88,15 @@ def test_transfer_probes_without_data_sets_say_how_to_name_them(tmp_path):
         TransferProbes().measure(SimpleNamespace(datamodule=data), None)
 
 
+def test_a_missing_transfer_file_stops_the_run_at_its_start(tmp_path):
+    from datamodules import BetonError
+
+    data = ffcv_datamodule(write_indexed_beton(tmp_path / "d.beton", 8))
+    probes = TransferProbes({"cifar10": {"train": str(tmp_path / "cifar10_train.beton"), "test": str(tmp_path / "d.beton")}})
+    with pytest.raises(BetonError, match="cifar10_train.beton"):
+        probes.on_fit_start(SimpleNamespace(datamodule=data), None)
+
+
 def test_the_printed_summary_keeps_the_headline_numbers(tmp_path):
     from callbacks.measurement import final_summary
 

@@ -181,7 +181,7 @@ def test_ddp_on_two_cpu_processes_sees_disjoint_data_and_ends_with_identical_wei
 
 
 IMAGENET_EXPERIMENTS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs" / "imagenet").rglob("*.yaml")
-                              if p.name not in ("data.yaml", "data_folders.yaml"))
+                              if p.name not in ("data.yaml", "data_folders.yaml", "measurements.yaml"))
 
 
 @pytest.mark.parametrize("config", IMAGENET_EXPERIMENTS)
@@ -190,6 +190,7 @@ def test_every_imagenet_config_builds(config):
     built = cli.main(["--config", str(REPO / config)], run=False)
     assert built.model.hparams.num_classes == 1000 and built.model.hparams.global_batch_size == 4096
     assert type(built.datamodule).__name__ == "FFCVImageDataModule"
+    assert "RepresentationMeasurements" in [type(c).__name__ for c in built.trainer.callbacks]
 
 
 def test_the_torchvision_fallback_replaces_ffcv_with_one_flag():
