@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from jsonargparse import lazy_instance
 
+from callbacks import Preemption
 from datamodules import ImageClassificationData
 from lightning_modules import ObjectiveClassifier
 from lightning_modules.atomic_checkpoint import AtomicCheckpointIO
@@ -33,12 +34,15 @@ class TransferStudyCLI(LightningCLI):
         return trainer
 
 
-# Every run writes TensorBoard logs and keeps a last.ckpt (for --ckpt_path=last and requeued jobs);
-# the checkpoint callback is added to whatever callbacks a config lists.
+# Every run writes TensorBoard logs, keeps a last.ckpt (for --ckpt_path=last and requeued jobs) and
+# checkpoints, requeues and stops on SLURM's SIGUSR1; these callbacks are added to whatever a config lists.
 def trainer_defaults() -> dict:
     return {
         "logger": lazy_instance(TensorBoardLogger, save_dir="runs"),
-        "callbacks": [ModelCheckpoint(save_last=True, filename="epoch{epoch:03d}", auto_insert_metric_name=False)],
+        "callbacks": [
+            ModelCheckpoint(save_last=True, filename="epoch{epoch:03d}", auto_insert_metric_name=False),
+            Preemption(),
+        ],
     }
 
 

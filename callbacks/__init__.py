@@ -1,8 +1,10 @@
 """Measurements taken during training, at checkpoints: thin callbacks that gather activations and call
-the pure functions of ``measurements``. Add them under ``trainer.callbacks`` in a config."""
+the pure functions of ``measurements``. Add them under ``trainer.callbacks`` in a config.
+``Preemption`` (checkpoint, requeue, stop on SLURM's warning signal) is on in every run (cli.py)."""
 
 from .measurement import MeasurementCallback
+from .preemption import Preemption
 from .representation import RepresentationMeasurements
 from .transfer import TransferData, TransferProbes
 
-__all__ = ["MeasurementCallback", "RepresentationMeasurements", "TransferData", "TransferProbes"]
+__all__ = ["MeasurementCallback", "Preemption", "RepresentationMeasurements", "TransferData", "TransferProbes"]

@@ -25,9 +25,10 @@ class _EpochShards:
 
     def __init__(self, shard: Callable[[int], np.ndarray]):
         self.shard = shard
+        self.skip = 0  # samples of the epoch already trained on (a mid-epoch resume)
 
     def sample_order(self, epoch: int) -> np.ndarray:
-        return self.shard(epoch)
+        return self.shard(epoch)[self.skip:]
 
     def install(self, loader) -> None:
         loader.traversal_order = self
@@ -96,15 +97,17 @@ class FFCVImageDataModule(ImageClassificationData):
             )
         except Exception as err:
             raise BetonError(f"Could not open {path} with FFCV ({type(err).__name__}: {err}). {self.make_hint}") from err
-        _EpochShards(lambda epoch: subset[self.shard(len(subset), train, epoch)]).install(loader)
+        order = _EpochShards(lambda epoch: subset[self.shard(len(subset), train, epoch)])
+        order.install(loader)
 
-        def before_epoch(epoch: int) -> None:
+        def before_epoch(epoch: int, skip: int) -> None:
             loader.next_epoch = epoch  # FFCV's own counter restarts at 0 in a new process
+            order.skip = skip
             if train:  # FFCV sizes its buffers at the start of every pass
                 res = self.train_resolution(epoch)
                 decoder.output_size = (res, res)
 
-        return EpochAlignedLoader(loader, self, before_epoch)
+        return EpochAlignedLoader(loader, self, before_epoch, train)
 
     def train_dataloader(self):
         return self._loader("train", train=True)

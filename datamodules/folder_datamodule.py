@@ -49,13 +49,13 @@ def _collate(items):
 
 
 class _ShardSampler(Sampler):
-    """The indices of ``shard(epoch)``; the epoch is set before every pass."""
+    """The indices of ``shard(epoch)`` after the first ``skip``; both are set before every pass."""
 
     def __init__(self, shard: Callable[[int], np.ndarray]):
-        self.shard, self.epoch = shard, 0
+        self.shard, self.epoch, self.skip = shard, 0, 0
 
     def __iter__(self):
-        return iter(self.shard(self.epoch).tolist())
+        return iter(self.shard(self.epoch)[self.skip:].tolist())
 
     def __len__(self) -> int:
         return len(self.shard(0))
@@ -118,12 +118,12 @@ class ImageFolderDataModule(ImageClassificationData):
             persistent_workers=False,
         )
 
-        def before_epoch(epoch: int) -> None:
-            sampler.epoch = epoch
+        def before_epoch(epoch: int, skip: int) -> None:
+            sampler.epoch, sampler.skip = epoch, skip
             if train:
                 crop.size = (self.train_resolution(epoch),) * 2
 
-        return EpochAlignedLoader(loader, self, before_epoch)
+        return EpochAlignedLoader(loader, self, before_epoch, train)
 
     def train_dataloader(self):
         return self._loader("train", train=True)

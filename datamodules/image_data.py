@@ -53,9 +53,10 @@ class ProgressiveResolution:
 
 
 class EpochAlignedLoader:
-    """A loader that prepares every pass for the trainer's current epoch (``before_epoch(epoch)``: the
-    epoch's shard, the crop resolution), so a resumed run continues with the next epoch's order instead of
-    replaying epoch 0's.
+    """A loader that prepares every pass for the trainer's current epoch (``before_epoch(epoch, skip)``: the
+    epoch's shard without its first ``skip`` samples, the crop resolution), so a resumed run continues with
+    the next epoch's order instead of replaying epoch 0's, and a run preempted mid-epoch continues with the
+    batch after the last one it trained on.
 
     Iteration is a generator: nothing starts until the first batch is asked for, because Lightning
     creates its iterators before it restores a checkpoint's progress. Iteration also starts outside
@@ -64,13 +65,16 @@ class EpochAlignedLoader:
     which killed that thread and hung the run.
     """
 
-    def __init__(self, loader: Iterable, data: "ImageClassificationData", before_epoch: Callable[[int], None]):
+    def __init__(self, loader: Iterable, data: "ImageClassificationData", before_epoch: Callable[[int, int], None], train: bool):
         self.loader = loader
         self.data = data
         self.before_epoch = before_epoch
+        self.train = train
 
     def __iter__(self):
-        self.before_epoch(self.data.current_epoch)
+        done = self.data.batches_done_this_epoch() if self.train else 0
+        done = done if done < len(self) else 0  # a finished epoch: Lightning goes on with the next one
+        self.before_epoch(self.data.current_epoch, done * self.data.batch_size_per_process)
         with torch.inference_mode(False):
             batches = iter(self.loader)
         yield from batches
@@ -200,6 +204,13 @@ class ImageClassificationData(L.LightningDataModule):
     @property
     def current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def batches_done_this_epoch(self) -> int:
+        """Training batches of the current epoch this run already trained on: 0, except in a run resumed
+        from a checkpoint written mid-epoch (``callbacks.Preemption``), whose progress Lightning restores
+        before the first batch is asked for."""
+        loop = getattr(self.trainer, "fit_loop", None)
+        return loop.epoch_loop.batch_progress.current.completed if loop is not None else 0
 
     def shard(self, num_samples: int, train: bool, epoch: int = 0) -> np.ndarray:
         """This process's indices for ``epoch`` (``distributed.epoch_shard``)."""

@@ -89,3 +89,15 @@ class RecordBatches(L.Callback):
         record = {"labels": self.labels, "network": parameter_digest(pl_module.network), "global_step": trainer.global_step,
                   "val_labels": self.val_labels, "val_correct": self.val_correct, "val_loss_sum": self.val_loss_sum}
         Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class SignalAt(L.Callback):
+    """Sends ``signum`` to this process once, when training reaches ``step`` (a preemption warning)."""
+
+    def __init__(self, step: int, signum: int):
+        self.step, self.signum, self.sent = step, signum, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step >= self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)

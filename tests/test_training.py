@@ -35,7 +35,7 @@ DETERMINISTIC_AUGMENTATION = [
 
 def fit(tmp_path: Path, shapes_root: Path, *extra: str, epochs: int = 1, run: bool = True):
     args = [
-        "fit",
+        *(["fit"] if run else []),  # run=False builds the objects only, without subcommands
         "--config", str(REPO / "configs" / "quickstart.yaml"),
         f"--data.init_args.root={shapes_root}",
         f"--trainer.default_root_dir={tmp_path}",
@@ -44,7 +44,7 @@ def fit(tmp_path: Path, shapes_root: Path, *extra: str, epochs: int = 1, run: bo
         *TINY,
         *extra,
     ]
-    return cli.main(args)
+    return cli.main(args, run=run)
 
 
 def test_quickstart_trains_and_the_loss_falls(tmp_path, shapes_root):

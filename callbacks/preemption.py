@@ -1,0 +1,140 @@
+"""Preemption that loses nothing: checkpoint between two steps, requeue, stop.
+
+SLURM announces the end of a job's time (``#SBATCH --signal=SIGUSR1@90``) or a preemption with a signal
+to every process of the job step. Lightning's own handler saves ``hpc_ckpt_N.ckpt`` from inside the
+signal handler, wherever each rank happens to be: possibly between the forward pass and the optimiser
+step, and with a barrier that can meet another rank's gradient all-reduce; training then goes on logging
+steps that the resumed run logs again. Here the handler only raises a flag. At the start of a training
+step, every ``check_every_n_steps`` steps, the ranks agree whether any of them was signalled (one
+all-reduce), and if so all of them, at the same step:
+
+1. flush the loggers, so the TensorBoard run holds every step up to this one;
+2. write ``last.ckpt`` (atomically) in the checkpoint folder: weights, optimiser, lr schedule, EMA, and
+   how many batches of this epoch were trained on, which the data modules skip when resuming, so the
+   resumed run sees the rest of the same epoch's order;
+3. on SLURM, rank 0 runs ``scontrol requeue`` for this job (or array task);
+4. stop: exit status 0 when requeued, else 75 (EX_TEMPFAIL: resume with ``--ckpt_path=last``).
+
+The requeued job runs the same command, whose ``--ckpt_path=last`` (``slurm/train.sbatch``) resumes at the
+same global step, into the same TensorBoard run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+__all__ = ["Preemption", "Preempted", "REQUEUED_EXIT_CODE", "NOT_REQUEUED_EXIT_CODE"]
+
+REQUEUED_EXIT_CODE = 0
+NOT_REQUEUED_EXIT_CODE = 75  # EX_TEMPFAIL: try again later
+
+
+class Preempted(SystemExit):
+    """Ends the process after the preemption checkpoint is written (its ``code`` is the exit status)."""
+
+
+class Preemption(Callback):
+    """Checkpoint, requeue and stop when ``signal_name`` arrives (see the module docstring).
+
+    Args:
+        signal_name: the signal that announces the end of the job (``--signal=SIGUSR1@90``).
+        check_every_n_steps: how often the ranks compare notes (one all-reduce of one number, and a
+            device sync). SLURM's warning must cover this many steps plus writing the checkpoint.
+        requeue: on SLURM, requeue the job after the checkpoint is written.
+    """
+
+    def __init__(self, signal_name: str = "SIGUSR1", check_every_n_steps: int = 10, requeue: bool = True):
+        if check_every_n_steps < 1:
+            raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}.")
+        try:
+            self.signal = signal.Signals[signal_name]
+        except KeyError:
+            raise ValueError(f"Unknown signal {signal_name!r}; use a name such as SIGUSR1 or SIGTERM.") from None
+        self.check_every_n_steps = check_every_n_steps
+        self.requeue = requeue
+        self.signalled = False
+        self._stopping = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not any(isinstance(cb, ModelCheckpoint) and cb.save_last for cb in trainer.checkpoint_callbacks):
+            raise ValueError("Preemption writes last.ckpt of a ModelCheckpoint with save_last=True; the trainer has none.")
+        # Lightning's own SLURM handler off (see the module docstring); its signal connector then only
+        # watches SIGTERM.
+        environment = getattr(trainer.strategy, "cluster_environment", None)  # single-device strategies have none
+        if isinstance(environment, SLURMEnvironment):
+            environment.auto_requeue = False
+        self.signalled = self._stopping = False
+
+    # Installed after Lightning's signal connector has recorded the process's handlers, which it puts
+    # back at the end of fit, however fit ends.
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        signal.signal(self.signal, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = True  # acted on at the next step boundary, by every rank at once
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        # Step boundary: the previous step's optimiser update, lr step, EMA update and logging are done.
+        if trainer.global_step % self.check_every_n_steps:
+            return
+        if trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+            self._checkpoint_and_stop(trainer)
+
+    def _checkpoint_and_stop(self, trainer: L.Trainer) -> None:
+        for logger in trainer.loggers:
+            logger.finalize("preempted")
+        path = self.checkpoint_path(trainer)
+        self._stopping = True
+        trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes, then all meet at a barrier
+        requeued = self.requeue and _requeue(trainer)
+        rank_zero_info(
+            f"Preempted at step {trainer.global_step}: saved {path}. "
+            + ("Requeued; the next run resumes from it." if requeued else "Resume with `--ckpt_path=last`.")
+        )
+        raise Preempted(REQUEUED_EXIT_CODE if requeued else NOT_REQUEUED_EXIT_CODE)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self._stopping:
+            # Lightning's restart adds one to this counter (of optimiser steps, the TensorBoard x-axis),
+            # assuming a checkpoint written at the end of a step, before it is counted; ours is written at
+            # the start of the next, after it is counted.
+            checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+
+    @staticmethod
+    def checkpoint_path(trainer: L.Trainer) -> str:
+        """The ``last.ckpt`` that ``--ckpt_path=last`` resumes from."""
+        callback = next(cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.save_last)
+        return str(Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}")
+
+
+def _slurm_job() -> Optional[str]:
+    """This job's id as ``scontrol requeue`` wants it (``<array job>_<task>`` for an array task)."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array_job}_{task}" if array_job and task else os.environ.get("SLURM_JOB_ID")
+
+
+def _requeue(trainer: L.Trainer) -> bool:
+    """Whether this job is requeued: rank 0 asks SLURM to; the other ranks assume it succeeds (they only
+    choose their exit status by it, and SLURM ends them either way)."""
+    job = _slurm_job()
+    if job is None or not trainer.is_global_zero:
+        return job is not None
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    except OSError as err:  # no scontrol here, e.g. inside a container
+        rank_zero_warn(f"Could not requeue SLURM job {job}: {err}")
+        return False
+    if result.returncode:
+        rank_zero_warn(f"`scontrol requeue {job}` failed ({result.returncode}): {result.stderr.strip()}")
+    return result.returncode == 0

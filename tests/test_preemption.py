@@ -1,0 +1,60 @@
+"""Preemption in one process: SIGUSR1 mid-epoch -> last.ckpt between two steps -> resume exactly."""
+
+import signal
+
+import pytest
+import torch
+
+import cli
+from callbacks.preemption import NOT_REQUEUED_EXIT_CODE, Preempted, Preemption
+
+from .helpers import SignalAt, scalars
+from .test_training import DETERMINISTIC_AUGMENTATION, fit
+
+
+def test_preempted_mid_epoch_resumes_at_the_same_step_with_the_same_data(tmp_path, shapes_root):
+    straight = fit(tmp_path / "straight", shapes_root, *DETERMINISTIC_AUGMENTATION, epochs=2)
+
+    # 16 steps per epoch; the signal comes at step 21 and is acted on at the next check (every 10 steps),
+    # at step 30: batch 14 of epoch 1.
+    preempted = fit(tmp_path / "preempted", shapes_root, *DETERMINISTIC_AUGMENTATION, epochs=2, run=False)
+    preempted.trainer.callbacks.append(SignalAt(21, signal.SIGUSR1))
+    with pytest.raises(Preempted) as stop:
+        preempted.trainer.fit(preempted.model, datamodule=preempted.datamodule)
+    assert stop.value.code == NOT_REQUEUED_EXIT_CODE  # not on SLURM: nothing requeued it
+    assert preempted.trainer.global_step == 30
+    last = Preemption.checkpoint_path(preempted.trainer)
+    checkpoint = torch.load(last, weights_only=False)
+    assert checkpoint["global_step"] == 30 and checkpoint["epoch"] == 1
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the process's own handler is back
+
+    resumed = fit(tmp_path / "preempted", shapes_root, *DETERMINISTIC_AUGMENTATION, "--ckpt_path=last", epochs=2)
+    a, b = straight.trainer, resumed.trainer
+    assert (a.global_step, a.current_epoch) == (b.global_step, b.current_epoch) == (32, 2)
+    assert a.optimizers[0].param_groups[0]["lr"] == b.optimizers[0].param_groups[0]["lr"]
+    # Equal weights need the two remaining batches of epoch 1 (not its first two), the optimiser's
+    # momentum, the lr schedule and the EMA as they were at step 30.
+    torch.testing.assert_close(straight.model.network.state_dict(), resumed.model.network.state_dict(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(straight.model.ema.state_dict(), resumed.model.ema.state_dict(), rtol=1e-5, atol=1e-6)
+
+    # One TensorBoard run holding every logged step once, with the straight run's values.
+    log_dir = resumed.trainer.logger.log_dir
+    assert log_dir == preempted.trainer.logger.log_dir
+    ours, reference = scalars(log_dir), scalars(straight.trainer.logger.log_dir)
+    for tag in ["train/loss", "lr", "val/acc1"]:
+        steps = [step for step, _ in ours[tag]]
+        assert steps == [step for step, _ in reference[tag]], tag
+        torch.testing.assert_close(torch.tensor([v for _, v in ours[tag]]), torch.tensor([v for _, v in reference[tag]]), rtol=1e-4, atol=1e-5)
+
+
+def test_without_a_signal_nothing_is_checkpointed_early(tmp_path, shapes_root):
+    run = fit(tmp_path, shapes_root, epochs=1, run=False)
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert run.trainer.global_step == 16 and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="SIGNOPE"):
+        Preemption(signal_name="SIGNOPE")
+    with pytest.raises(ValueError, match="check_every_n_steps"):
+        Preemption(check_every_n_steps=0)
