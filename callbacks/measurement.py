@@ -29,7 +29,11 @@ SUMMARY_FILE = "measurements.json"
 
 
 def summary_path(trainer: L.Trainer) -> Path:
-    return Path(trainer.log_dir or trainer.default_root_dir) / SUMMARY_FILE
+    """Beside the run's logs. Read from the logger, not ``trainer.log_dir``: that one is a broadcast, which
+    rank 0 alone (the only one writing) would enter and wait in forever under DDP."""
+    logger = trainer.logger
+    folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or trainer.default_root_dir
+    return Path(folder) / SUMMARY_FILE
 
 
 def gather_rows(module: L.LightningModule, rows: Tensor) -> Tensor:
