@@ -8,9 +8,13 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 
-# FFCV builds a C extension against libturbojpeg and OpenCV, found through pkg-config.
+# FFCV builds a C extension against libturbojpeg and OpenCV, found through pkg-config. The tests run a
+# real SLURM cluster on this machine (slurm-wlm, munge; iproute2 for the two-node network namespaces);
+# SETUP_SLURM=0 leaves those out, e.g. in a container image for a cluster that brings its own SLURM.
+packages=(libturbojpeg0-dev libopencv-dev pkg-config)
+[ "${SETUP_SLURM:-1}" = 1 ] && packages+=(slurm-wlm munge iproute2)
 need_apt=()
-for pkg in libturbojpeg0-dev libopencv-dev pkg-config; do
+for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
