@@ -5,6 +5,9 @@ argument is a knob (``python cli.py fit --help``) that the command line can over
 ``--model.objective=CosineSoftmax --model.objective.temperature=0.03``.
 """
 
+from typing import Optional
+
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -24,6 +27,10 @@ class TransferStudyCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.global_batch_size", "model.global_batch_size", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        config.trainer.precision = default_precision(config.trainer.precision, config.trainer.accelerator)
+
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         # A checkpoint write cut short never replaces the last good one. Installed here rather than as a
@@ -34,10 +41,22 @@ class TransferStudyCLI(LightningCLI):
         return trainer
 
 
+def default_precision(precision, accelerator, gpu_has_bf16: Optional[bool] = None):
+    """The precision a run gets when its config names none: bf16 autocast when it trains on a GPU that
+    has bf16 (the fast path, as in the ImageNet configs), else full fp32 (the CPU path, unchanged)."""
+    if precision is not None:
+        return precision
+    if gpu_has_bf16 is None:
+        gpu_has_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    on_gpu = accelerator in ("auto", "gpu", "cuda") and gpu_has_bf16
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
 # Every run writes TensorBoard logs, keeps a last.ckpt (for --ckpt_path=last and requeued jobs) and
 # checkpoints, requeues and stops on SLURM's SIGUSR1; these callbacks are added to whatever a config lists.
 def trainer_defaults() -> dict:
     return {
+        "benchmark": True,  # cuDNN picks the fastest convolution algorithms for the shapes in use (GPU only)
         "logger": lazy_instance(TensorBoardLogger, save_dir="runs"),
         "callbacks": [
             ModelCheckpoint(save_last=True, filename="epoch{epoch:03d}", auto_insert_metric_name=False),

@@ -13,6 +13,7 @@ from typing import Literal, Optional, Union
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from timm.utils.model_ema import ModelEmaV3
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
@@ -71,6 +72,11 @@ class ObjectiveClassifier(L.LightningModule):
         ema_decay: EMA momentum per step at ``ema_reference_batch``; None disables the EMA. With another
             global batch B the horizon in images is kept: decay = ema_decay ** (B / ema_reference_batch).
         ema_reference_batch: global batch at which ``ema_decay`` holds.
+        compile: ``torch.compile`` the network's forward (in place: checkpoints keep their keys). The
+            first steps are slower while it compiles; worth it for long GPU runs.
+
+    On a GPU the network is kept in channels_last, the layout cuDNN's convolutions are fastest in under
+    bf16 (the batches arrive in it from the data module); on the CPU nothing changes.
     """
 
     def __init__(
@@ -89,6 +95,7 @@ class ObjectiveClassifier(L.LightningModule):
         lr_decay_per_epoch: float = 0.975,
         ema_decay: Optional[float] = 0.9999,
         ema_reference_batch: int = 4096,
+        compile: bool = False,
     ):
         super().__init__()
         if num_classes < 2:
@@ -123,6 +130,18 @@ class ObjectiveClassifier(L.LightningModule):
         self.val_loss = MeanMetric()
         # First step whose loss was not finite (-1: none). Kept on the device so the check costs no sync.
         self.register_buffer("first_nonfinite_step", torch.tensor(-1), persistent=False)
+        self._compiled = False
+
+    def configure_model(self) -> None:
+        # Before the strategy moves the module and DDP builds its gradient buckets, which take the
+        # parameters' layout as it is then.
+        if isinstance(self.trainer.accelerator, CUDAAccelerator):
+            for net in [self.network, self.ema]:
+                if net is not None:
+                    net.to(memory_format=torch.channels_last)
+        if self.hparams.compile and not self._compiled:
+            self.network.compile()
+            self._compiled = True
 
     @property
     def eval_network(self) -> Network:

@@ -59,3 +59,44 @@ def test_any_timm_or_torchvision_backbone():
         assert len(model.network.blocks()) > 3
     with pytest.raises(ValueError, match="Unknown torchvision backbone 'resnet51'"):
         ObjectiveClassifier(num_classes=7, backbone="resnet51")
+
+
+def _configured(accelerator, **kwargs) -> ObjectiveClassifier:
+    from types import SimpleNamespace
+
+    module = ObjectiveClassifier(num_classes=10, backbone="resnet10t", backbone_source="timm", global_batch_size=64, **kwargs)
+    module._trainer = SimpleNamespace(accelerator=accelerator)  # what configure_model reads
+    module.configure_model()
+    return module
+
+
+def test_gpu_fast_path_keeps_the_network_in_channels_last_and_leaves_the_cpu_path_alone():
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+
+    def convs(module):  # kernels wider than 1x1, whose two layouts differ
+        return [p for net in [module.network, module.ema] for p in net.parameters() if p.ndim == 4 and p.shape[-1] > 1]
+
+    gpu, cpu = convs(_configured(CUDAAccelerator())), convs(_configured(CPUAccelerator()))
+    assert gpu and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in gpu)
+    assert cpu and all(p.is_contiguous() for p in cpu)
+
+
+def test_compile_is_in_place_so_checkpoints_keep_their_keys():
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    plain, compiled = _configured(CPUAccelerator()), _configured(CPUAccelerator(), compile=True)
+    assert compiled.network._compiled_call_impl is not None and plain.network._compiled_call_impl is None
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+
+
+@pytest.mark.parametrize("precision, accelerator, gpu_has_bf16, expected", [
+    (None, "auto", True, "bf16-mixed"),   # a GPU with bf16: the fast path by default
+    (None, "gpu", True, "bf16-mixed"),
+    (None, "auto", False, "32-true"),     # no GPU (or one without bf16): fp32, as before
+    (None, "cpu", True, "32-true"),       # the CPU asked for on a GPU machine
+    ("16-mixed", "auto", True, "16-mixed"),  # a config's own choice stands
+])
+def test_default_precision(precision, accelerator, gpu_has_bf16, expected):
+    from cli import default_precision
+
+    assert default_precision(precision, accelerator, gpu_has_bf16) == expected
