@@ -100,7 +100,7 @@ def test_a_missing_transfer_file_stops_the_run_at_its_start(tmp_path):
 def test_the_printed_summary_keeps_the_headline_numbers(tmp_path):
     from callbacks.measurement import final_summary
 
-    trainer = SimpleNamespace(global_step=40, log_dir=str(tmp_path), default_root_dir=str(tmp_path))
+    trainer = SimpleNamespace(global_step=40, logger=SimpleNamespace(log_dir=str(tmp_path)), default_root_dir=str(tmp_path))
     text = final_summary("RepresentationMeasurements", trainer, {
         "class_separation/val/penultimate": 0.41, "class_separation/val/layer1.0": 0.05,
         "relu_nonzero/penultimate": 0.6, "probe/texture/linear_acc": 0.83})

@@ -100,11 +100,16 @@ def test_resume_continues_exactly(tmp_path, shapes_root):
     fit(tmp_path / "resumed", shapes_root, *DETERMINISTIC_AUGMENTATION, epochs=1)
     resumed = fit(tmp_path / "resumed", shapes_root, *DETERMINISTIC_AUGMENTATION, "--ckpt_path=last", epochs=2)
 
-    a, b = straight.trainer, resumed.trainer
-    assert (a.global_step, a.current_epoch) == (b.global_step, b.current_epoch) == (32, 2)
-    assert a.optimizers[0].param_groups[0]["lr"] == b.optimizers[0].param_groups[0]["lr"]
     # Same weights and EMA only if the resumed run restored the optimiser, the schedule, the EMA and
     # the data order of epoch 1 (not a replay of epoch 0).
+    assert_same_end(straight, resumed, steps=32, epochs=2)
+
+
+def assert_same_end(straight, resumed, steps: int, epochs: int) -> None:
+    """An interrupted-and-resumed run ended where the straight one did: step, epoch, lr, weights, EMA."""
+    a, b = straight.trainer, resumed.trainer
+    assert (a.global_step, a.current_epoch) == (b.global_step, b.current_epoch) == (steps, epochs)
+    assert a.optimizers[0].param_groups[0]["lr"] == b.optimizers[0].param_groups[0]["lr"]
     torch.testing.assert_close(straight.model.network.state_dict(), resumed.model.network.state_dict(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(straight.model.ema.state_dict(), resumed.model.ema.state_dict(), rtol=1e-5, atol=1e-6)
 
