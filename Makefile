@@ -1,7 +1,7 @@
 # The few commands a newcomer needs. Each one sets up first (idempotent, fast when already done).
 PY := .venv/bin/python
 
-.PHONY: setup quickstart test benchmark benchmark-loader benchmark-probes tensorboard
+.PHONY: setup quickstart test benchmark benchmark-loader benchmark-probes benchmark-gpu tensorboard
 
 setup:
 	bash scripts/setup.sh
@@ -20,6 +20,9 @@ benchmark-loader: setup  ## loader img/s: FFCV data module vs FFCV's Loader vs t
 
 benchmark-probes: setup  ## linear-probe sweep vs scikit-learn; kNN leave-one-out time and memory
 	$(PY) benchmarks/probe_speed.py
+
+benchmark-gpu: setup  ## ResNet-50 img/s on one GPU: fast path off / on / compiled, synthetic and FFCV
+	$(PY) benchmarks/gpu_throughput.py --compile
 
 tensorboard: setup
 	.venv/bin/tensorboard --logdir runs

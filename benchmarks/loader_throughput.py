@@ -30,10 +30,11 @@ from datamodules import FFCVImageDataModule, ImageFolderDataModule, WriterSettin
 from datamodules.convert import folder
 
 
-def write_jpegs(root: Path, n: int, classes: int = 10, size=(500, 375), seed: int = 0) -> None:
-    """Smooth random scenes (upsampled noise plus edges), JPEG quality 90 like ImageNet's files."""
+def write_jpegs(root: Path, n: int, classes: int = 10, size=(500, 375), seed: int = 0, first: int = 0) -> None:
+    """Smooth random scenes (upsampled noise plus edges), JPEG quality 90 like ImageNet's files; numbered
+    from ``first`` (so that several processes can write parts of one set)."""
     rng = np.random.default_rng(seed)
-    for i in range(n):
+    for i in range(first, first + n):
         base = rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)
         image = Image.fromarray(base).resize(size, Image.BICUBIC)
         pixels = np.asarray(image).copy()

@@ -35,16 +35,18 @@ class StepClock(L.Callback):
         self.stamps.append(time.perf_counter())
 
 
-class _Batches(L.LightningDataModule):
+class InMemoryBatches(L.LightningDataModule):
+    """Trains on a list of batches held in memory (already normalised, on the device they were made on)."""
+
     def __init__(self, batches):
         super().__init__()
         self.batches = batches
 
     def train_dataloader(self):
-        return _Iterable(self.batches)
+        return BatchList(self.batches)
 
 
-class _Iterable:
+class BatchList:
     """A plain iterable (a bare list would be read by Lightning as several dataloaders)."""
 
     def __init__(self, items):
@@ -128,7 +130,7 @@ def main():
     for r in range(args.repeats):
         torch.manual_seed(r)
         results["plain/tensors"].append(per_step(plain_loop(make_model(args, data.num_classes), tensors, lambda b: b, args.steps), args.warmup))
-        results["lightning/tensors"].append(per_step(lightning_fit(make_model(args, data.num_classes), _Batches(tensors), args.steps), args.warmup))
+        results["lightning/tensors"].append(per_step(lightning_fit(make_model(args, data.num_classes), InMemoryBatches(tensors), args.steps), args.warmup))
         normalise = lambda b: data.on_after_batch_transfer(b, 0)  # noqa: E731
         results["plain/ffcv"].append(per_step(plain_loop(make_model(args, data.num_classes), data.train_dataloader(), normalise, args.steps), args.warmup))
         results["lightning/ffcv"].append(per_step(lightning_fit(make_model(args, data.num_classes), data, args.steps), args.warmup))
