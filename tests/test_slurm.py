@@ -1,6 +1,6 @@
 """The project's SLURM batch script on a real SLURM cluster started on this machine (tests/slurm_cluster.py):
-a 2-process DDP quickstart, preemption with requeue and resume, a rank that dies, and two nodes in
-network namespaces."""
+a 2-process DDP quickstart, preemption with requeue and resume, a rank that dies, a sweep as an array
+job, and two nodes in network namespaces."""
 
 import os
 import signal
@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from .conftest import REPO
 from .helpers import scalars
@@ -117,6 +118,36 @@ def test_a_rank_that_dies_fails_the_job_within_a_bounded_time(cluster, tmp_path,
     assert time.time() - killed < 60
     time.sleep(1)
     assert training_processes(run_dir) == []  # the other rank did not stay behind, blocked in a collective
+
+
+def test_a_sweep_is_one_array_job_with_a_task_per_config(cluster, tmp_path, shapes_root):
+    """slurm/sweep.sh: each array task trains its own config into its own run, the overrides reach all."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    configs = []
+    for objective in ["Softmax", "Sigmoid"]:
+        config = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+        config["model"]["objective"] = objective
+        config["trainer"]["logger"]["init_args"]["version"] = objective.lower()
+        configs.append(tmp_path / f"{objective.lower()}.yaml")
+        configs[-1].write_text(yaml.safe_dump(config))
+    submitted = subprocess.run(
+        ["slurm/sweep.sh", "--gpus-per-node=0", "--cpus-per-task=1", "--ntasks-per-node=1",
+         f"--output={run_dir}/slurm-%A_%a.out", *map(str, configs),
+         f"--data.init_args.root={shapes_root}", f"--trainer.default_root_dir={run_dir}",
+         f"--trainer.logger.init_args.save_dir={run_dir}", "--trainer.max_epochs=1", *TINY],
+        cwd=REPO, env={**cluster.env, "PYTHON_CMD": sys.executable}, capture_output=True, text=True, timeout=60,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job = int(submitted.stdout.split()[-1])
+    for task in [0, 1]:
+        finished(cluster, f"{job}_{task}", run_dir)
+    for objective in ["softmax", "sigmoid"]:
+        version = run_dir / "quickstart" / objective
+        assert f"class_path: lightning_modules.{objective.capitalize()}" in (version / "config.yaml").read_text()
+        assert [step for step, _ in scalars(version)["val/acc1"]] == [15]  # 1024 images, batch 64: 16 steps
+    log = output(run_dir)
+    assert all(f"): {config} on 1 node(s) x 1 process(es)" in log for config in configs) and "Traceback" not in log
 
 
 @pytest.mark.skipif(netns_available() is not None, reason=str(netns_available()))
