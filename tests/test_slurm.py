@@ -116,6 +116,7 @@ def test_a_rank_that_dies_fails_the_job_within_a_bounded_time(cluster, tmp_path,
     info = cluster.wait_for(job, FINISHED, timeout=120)
     assert info["JobState"] == "FAILED", info
     assert time.time() - killed < 60
+    assert "training failed (srun exit status" in output(run_dir)
     time.sleep(1)
     assert training_processes(run_dir) == []  # the other rank did not stay behind, blocked in a collective
 
