@@ -16,6 +16,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from jsonargparse import lazy_instance
 
 from callbacks import Preemption
+from callbacks.preemption import Preempted
 from datamodules import ImageClassificationData
 from lightning_modules import ObjectiveClassifier
 from lightning_modules.atomic_checkpoint import AtomicCheckpointIO
@@ -67,16 +68,32 @@ def trainer_defaults() -> dict:
 
 def main(args=None, run: bool = True) -> TransferStudyCLI:
     """Parse ``args`` (the command line when None) and run the subcommand; returns the CLI object."""
-    return TransferStudyCLI(
-        ObjectiveClassifier,
-        ImageClassificationData,  # any of its subclasses, by class_path: FFCV, torchvision folders, shapes
-        subclass_mode_data=True,
-        trainer_defaults=trainer_defaults(),
-        save_config_kwargs={"overwrite": True},  # a requeued job writes its config again
-        auto_configure_optimizers=False,  # the recipe lives in ObjectiveClassifier.configure_optimizers
-        args=args,
-        run=run,
-    )
+    try:
+        cli = TransferStudyCLI(
+            ObjectiveClassifier,
+            ImageClassificationData,  # any of its subclasses, by class_path: FFCV, torchvision folders, shapes
+            subclass_mode_data=True,
+            trainer_defaults=trainer_defaults(),
+            save_config_kwargs={"overwrite": True},  # a requeued job writes its config again
+            auto_configure_optimizers=False,  # the recipe lives in ObjectiveClassifier.configure_optimizers
+            args=args,
+            run=run,
+        )
+    except Preempted:  # every rank stopped at the same step (callbacks/preemption.py)
+        end_process_group()
+        raise
+    end_process_group()
+    return cli
+
+
+def end_process_group() -> None:
+    """Destroy the default process group while the interpreter is still whole. Lightning does so only for
+    NCCL; a gloo group (DDP on CPUs) left to interpreter shutdown aborts one rank or another about half the
+    time ('terminate called without an active exception', pytorch#190489), which srun and torchrun report
+    as a failed job after a finished run. Called only once every rank has finished or stopped together:
+    after an error on one rank the others may be blocked in a collective."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -159,9 +159,13 @@ def test_ddp_on_two_cpu_processes_sees_disjoint_data_and_ends_with_identical_wei
     }
     config_file = tmp_path / "ddp.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    done = subprocess.run([sys.executable, "cli.py", "fit", "--config", str(config_file)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    # torchrun, unlike Lightning's own launcher, fails when any rank fails, also after training (as srun does).
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "tests.cli_entry", "fit", "--config", str(config_file)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):  # a gloo group left to interpreter shutdown can abort the process (cli.end_process_group)
+        assert f"rank {rank} exits with its process group destroyed: True" in done.stdout, done.stdout[-2000:]
 
     import json
 
