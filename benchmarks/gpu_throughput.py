@@ -33,6 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -115,11 +116,12 @@ def synthetic_data(args, channels_last: bool) -> InMemoryBatches:
 def ffcv_data(args, tmp: Path) -> FFCVImageDataModule:
     """``--images`` JPEGs, written by all workers in parts, converted as for ImageNet."""
     tree, beton = tmp / "jpegs", tmp / "train.beton"
-    parts = min(args.workers, args.images)
-    sizes = [args.images // parts + (i < args.images % parts) for i in range(parts)]
-    firsts = [sum(sizes[:i]) for i in range(parts)]
-    with ProcessPoolExecutor(parts) as pool:
-        list(pool.map(write_jpegs, [tree] * parts, sizes, [10] * parts, [(500, 375)] * parts, range(parts), firsts))
+    parts = np.array_split(np.arange(args.images), min(args.workers, args.images))
+    with ProcessPoolExecutor(len(parts)) as pool:
+        writes = [pool.submit(write_jpegs, tree, len(numbers), seed=part, first=int(numbers[0]))
+                  for part, numbers in enumerate(parts)]
+        for write in writes:
+            write.result()  # raises what a writer raised
     folder(str(tree), str(beton), WriterSettings(num_workers=args.workers))
     return FFCVImageDataModule(
         str(beton), str(beton), num_classes=NUM_CLASSES, global_batch_size=args.batch, num_workers=args.workers,
@@ -147,18 +149,15 @@ def main():
     arms = ["off", "on", *(["on+compile"] if args.compile else []), "on, no EMA", "on, no logging"]
     rates = {(source, arm): [] for source in args.data for arm in arms}
     with tempfile.TemporaryDirectory() as tmp:
-        loaders = {}
         if "ffcv" in args.data:
             start = time.perf_counter()
             ffcv = ffcv_data(args, Path(tmp))
-            loaders["ffcv"] = lambda arm: ffcv
             print(f"wrote and converted {args.images} JPEGs in {time.perf_counter() - start:.0f} s")
-        if "synthetic" in args.data:
-            loaders["synthetic"] = lambda arm: synthetic_data(args, channels_last=arm != "off")
         for r in range(args.repeats):
             for source in args.data:
                 for arm in arms:
-                    rates[source, arm].append(images_per_second(arm, loaders[source](arm), args, tmp))
+                    data = ffcv if source == "ffcv" else synthetic_data(args, channels_last=arm != "off")
+                    rates[source, arm].append(images_per_second(arm, data, args, tmp))
                     print(f"round {r}: {source:>9} {arm:>15}: {rates[source, arm][-1]:7.0f} img/s", flush=True)
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
