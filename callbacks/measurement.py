@@ -2,7 +2,9 @@
 
 A measurement runs every ``every_n_epochs`` training epochs and once more at the end of fit (if the
 last epoch was not already measured), on the weights that validation evaluates (the EMA when it is on),
-in eval mode and under the trainer's precision. Its numbers go to every logger (TensorBoard: one curve
+in eval mode. The network's forward passes run under the trainer's precision (bf16 autocast on a GPU, as
+in training); the statistics computed from them do not: autocast would run their float32 matrix products
+(probes, kNN similarities) in bf16. Its numbers go to every logger (TensorBoard: one curve
 per tag, at the global step) and to ``measurements.json`` beside the run's logs: for every evaluated
 epoch, every measurement, with the objective, the hyper-parameters and the run's config, for reports
 to aggregate later.
@@ -23,7 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-__all__ = ["MeasurementCallback", "gather_rows", "summary_path"]
+__all__ = ["MeasurementCallback", "forward_pass", "gather_rows", "summary_path"]
 
 SUMMARY_FILE = "measurements.json"
 
@@ -34,6 +36,13 @@ def summary_path(trainer: L.Trainer) -> Path:
     logger = trainer.logger
     folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or trainer.default_root_dir
     return Path(folder) / SUMMARY_FILE
+
+
+def forward_pass(trainer: L.Trainer, network: torch.nn.Module, images: Tensor) -> Tensor:
+    """``network(images)`` under the trainer's precision. Forward hooks that reduce activations on the way
+    run inside it: they turn autocast off for their own arithmetic (representation.py)."""
+    with trainer.precision_plugin.forward_context():
+        return network(images)
 
 
 def gather_rows(module: L.LightningModule, rows: Tensor) -> Tensor:
@@ -100,11 +109,12 @@ class MeasurementCallback(Callback):
     @staticmethod
     @contextmanager
     def evaluating(trainer: L.Trainer, module: L.LightningModule):
-        """Eval mode, no gradients, the trainer's autocast; the training mode is restored after."""
+        """Eval mode and no gradients (autocast only around forward passes: ``forward_pass``); the training mode
+        is restored after."""
         was_training = module.training
         module.eval()
         try:
-            with torch.no_grad(), trainer.precision_plugin.forward_context():
+            with torch.no_grad():
                 yield
         finally:
             module.train(was_training)

@@ -25,7 +25,7 @@ import torch
 
 from measurements import ClassSeparation, NeuralCollapseStats, NonzeroFraction, calibration_statistics, neural_collapse_statistics
 
-from .measurement import MeasurementCallback, gather_rows
+from .measurement import MeasurementCallback, forward_pass, gather_rows
 
 __all__ = ["RepresentationMeasurements", "balanced_subset"]
 
@@ -156,7 +156,7 @@ class _Pass:
             for batch in loader:
                 batch = self.module.transfer_batch_to_device(batch, self.module.device, 0)
                 images, self._batch_labels = data.on_after_batch_transfer(batch, 0)
-                features = self.network(images)
+                features = forward_pass(self.module.trainer, self.network, images)
                 self.reduce(PENULTIMATE, features)
                 if self.want_collapse:
                     if self.collapse is None:
@@ -169,13 +169,18 @@ class _Pass:
     @contextmanager
     def _hooks(self):
         blocks = {n: m for n, m in self.network.blocks().items() if n in self.names}
-        handles = [block.register_forward_hook(lambda _m, _in, out, name=name: self.reduce(name, out))
-                   for name, block in blocks.items()]
+        handles = [block.register_forward_hook(self._reducer(name)) for name, block in blocks.items()]
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _reducer(self, name: str):
+        def hook(_module, _inputs, activations: torch.Tensor) -> None:
+            with torch.autocast(activations.device.type, enabled=False):  # the statistics in their own precision
+                self.reduce(name, activations)
+        return hook
 
     def class_separation(self) -> dict[str, float]:
         return {name: float(self.separation[name].compute()) for name in self.names}

@@ -21,7 +21,7 @@ import torch
 
 from measurements import knn_probe, linear_probe
 
-from .measurement import MeasurementCallback, gather_rows
+from .measurement import MeasurementCallback, forward_pass, gather_rows
 
 __all__ = ["TransferProbes", "TransferData"]
 
@@ -112,6 +112,6 @@ def penultimate_features(trainer: L.Trainer, module: L.LightningModule, loader) 
     features, labels = [], []
     for batch in loader:
         images, y = data.on_after_batch_transfer(module.transfer_batch_to_device(batch, module.device, 0), 0)
-        features.append(network(images).float())
+        features.append(forward_pass(trainer, network, images).float())
         labels.append(y)
     return gather_rows(module, torch.cat(features)), gather_rows(module, torch.cat(labels))

@@ -13,7 +13,7 @@ from callbacks import TransferProbes
 from callbacks.representation import balanced_subset
 from measurements import class_separation, relu_nonzero_fraction
 
-from .helpers import ffcv_datamodule, write_indexed_beton
+from .helpers import ffcv_datamodule, scalars, write_indexed_beton
 from .test_training import fit
 
 
@@ -106,3 +106,35 @@ def test_the_printed_summary_keeps_the_headline_numbers(tmp_path):
         "relu_nonzero/penultimate": 0.6, "probe/texture/linear_acc": 0.83})
     assert "class_separation/val/penultimate" in text and "probe/texture/linear_acc" in text and "0.83" in text
     assert "layer1.0" not in text and str(tmp_path / "measurements.json") in text
+
+
+def test_under_bf16_autocast_the_probes_see_bf16_features_and_compute_in_float32(tmp_path):
+    # The GPU default (bf16-mixed), on the CPU: the forward passes run under autocast, the probes outside it
+    # (inside, the linear probe's float32 products became bf16 and failed; the kNN similarities would be bf16).
+    from callbacks.transfer import TransferData
+    from measurements import knn_probe, linear_probe
+
+    sizes = ["--data.init_args.num_train=512", "--data.init_args.num_val=64"]
+    run = fit(tmp_path, tmp_path / "shapes", "--trainer.precision=bf16-mixed", "--trainer.limit_train_batches=2",
+              "--trainer.limit_val_batches=1", *sizes)
+    model, data = run.model, run.datamodule
+    spec = TransferData(*data.transfer_paths()["texture"])
+
+    def features(source):
+        xs, ys = [], []
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for images, labels in data.evaluation_dataloader(source):
+                images, labels = data.on_after_batch_transfer((images, labels), 0)
+                xs.append(model.ema.module.eval()(images))
+                ys.append(labels.clone())
+        assert xs[0].dtype == torch.bfloat16
+        return torch.cat(xs).float(), torch.cat(ys)
+
+    (train_x, train_y), (test_x, test_y) = features(spec.train), features(spec.test)
+    logged = {tag: values[-1][1] for tag, values in scalars(run.trainer.log_dir).items()}
+    linear = linear_probe(train_x, train_y, test_x, test_y, measure=spec.score_measure())
+    knn = knn_probe(train_x, train_y, test_x, test_y, measure=spec.score_measure())
+    assert logged["probe/texture/linear_acc"] == pytest.approx(linear.accuracy, abs=1e-6)
+    assert logged["probe/texture/linear_l2"] == pytest.approx(linear.l2)
+    assert logged["probe/texture/knn_acc"] == pytest.approx(knn.accuracy, abs=1e-6)
+    assert logged["probe/texture/knn_k"] == knn.k
