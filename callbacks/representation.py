@@ -163,7 +163,7 @@ class _Pass:
                         self.collapse = NeuralCollapseStats(self.num_classes, features.shape[1]).to(features.device)
                     self.collapse.update(features.float(), self._batch_labels)
                 if self.want_logits:
-                    self._logits.append(self.module.objective.logits(features, self.network.head).float())
+                    self._logits.append(self.module.logits(features, self.network).float())
                     self._labels.append(self._batch_labels)
 
     @contextmanager

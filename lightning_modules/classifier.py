@@ -151,11 +151,19 @@ class ObjectiveClassifier(L.LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         """Logits of the evaluated network (EMA when on), as the objective forms them."""
         net = self.eval_network
-        return self.objective.logits(net(images), net.head)
+        return self.logits(net(images), net)
+
+    def logits(self, features: Tensor, net: Network) -> Tensor:
+        """The objective's logits from ``net``'s penultimate ``features``, formed in the head's own precision:
+        float32 under bf16 autocast. bf16 keeps 8 bits of mantissa, so logits scaled by 1/tau (Eq. 6, 7; tau
+        down to 0.01 in Table 4) or pulled to M = 60 (Eq. 9) would move in steps of 0.125-0.5; the head is
+        under 0.1% of ResNet-50's FLOPs (benchmarks/bf16_head.py measures the difference)."""
+        with torch.autocast(features.device.type, enabled=False):
+            return self.objective.logits(features.to(net.head.weight.dtype), net.head)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, target = batch
-        logits = self.objective.logits(self.network(images), self.network.head)
+        logits = self.logits(self.network(images), self.network)
         terms = self.objective.loss_terms(logits, target, self.network.head)
         loss = sum(terms.values())
         self._track_nonfinite(loss)

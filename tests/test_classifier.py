@@ -89,6 +89,22 @@ def test_compile_is_in_place_so_checkpoints_keep_their_keys():
     assert list(compiled.state_dict()) == list(plain.state_dict())
 
 
+def test_under_bf16_autocast_the_backbone_runs_in_bf16_and_the_logits_in_float32():
+    # Cosine softmax at tau = 0.01 (Table 4's lowest): logits of ~10 here, which bf16 would round by ~0.03.
+    module = ObjectiveClassifier(CosineSoftmax(temperature=0.01), num_classes=10, backbone="resnet10t",
+                                 backbone_source="timm", ema_decay=None).eval()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = module.network(images)
+        logits = module(images)
+    assert features.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    # Eq. 7 in float64 from the same bf16 features.
+    x, w = torch.nn.functional.normalize(features.double(), dim=1), module.network.head.weight.double()
+    expected = x @ torch.nn.functional.normalize(w, dim=1).T / 0.01 + module.network.head.bias.double()
+    assert expected.abs().max() > 4  # large enough for bf16's rounding to show
+    torch.testing.assert_close(logits.double(), expected, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("precision, accelerator, gpu_has_bf16, expected", [
     (None, "auto", True, "bf16-mixed"),   # a GPU with bf16: the fast path by default
     (None, "gpu", True, "bf16-mixed"),
