@@ -63,6 +63,7 @@ class Preemption(Callback):
         self.requeue = requeue
         self.signalled = False
         self._stopping = False
+        self._previous_handler = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -75,11 +76,18 @@ class Preemption(Callback):
         if isinstance(environment, SLURMEnvironment):
             environment.auto_requeue = False
         self.signalled = self._stopping = False
+        # From here on, not only once training starts: a requeued job spends its first minute restoring the
+        # checkpoint and compiling loaders, and a signal then would otherwise kill it unrequeued. A signal
+        # that comes before training is acted on at its first step.
+        self._previous_handler = signal.signal(self.signal, self._on_signal)
 
-    # Installed after Lightning's signal connector has recorded the process's handlers, which it puts
-    # back at the end of fit, however fit ends.
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        signal.signal(self.signal, self._on_signal)
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # The process's own handler back once fit has ended. Not after an exception (Preempted included):
+        # Lightning then re-installs the handlers it found when training started, this one among them,
+        # which only raises a flag that nothing reads any more.
+        if stage == "fit" and self._previous_handler is not None:
+            signal.signal(self.signal, self._previous_handler)
+            self._previous_handler = None
 
     def _on_signal(self, signum, frame) -> None:
         self.signalled = True  # acted on at the next step boundary, by every rank at once

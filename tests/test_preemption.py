@@ -1,7 +1,9 @@
 """Preemption in one process: SIGUSR1 mid-epoch -> last.ckpt between two steps -> resume exactly."""
 
+import os
 import signal
 
+import lightning as L
 import pytest
 import torch
 
@@ -10,6 +12,13 @@ from callbacks.preemption import NOT_REQUEUED_EXIT_CODE, Preempted, Preemption
 
 from .helpers import SignalAt, scalars
 from .test_training import DETERMINISTIC_AUGMENTATION, assert_same_end, fit
+
+
+@pytest.fixture(autouse=True)
+def default_sigusr1():
+    """A fit ended by an exception (Preempted among them) leaves Preemption's inert handler installed."""
+    yield
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
 
 
 def test_preempted_mid_epoch_resumes_at_the_same_step_with_the_same_data(tmp_path, shapes_root):
@@ -26,7 +35,6 @@ def test_preempted_mid_epoch_resumes_at_the_same_step_with_the_same_data(tmp_pat
     last = Preemption.checkpoint_path(preempted.trainer)
     checkpoint = torch.load(last, weights_only=False)
     assert checkpoint["global_step"] == 30 and checkpoint["epoch"] == 1
-    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the process's own handler is back
 
     resumed = fit(tmp_path / "preempted", shapes_root, *DETERMINISTIC_AUGMENTATION, "--ckpt_path=last", epochs=2)
     # Equal weights need the two remaining batches of epoch 1 (not its first two), the optimiser's
@@ -41,6 +49,26 @@ def test_preempted_mid_epoch_resumes_at_the_same_step_with_the_same_data(tmp_pat
         steps = [step for step, _ in ours[tag]]
         assert steps == [step for step, _ in reference[tag]], tag
         torch.testing.assert_close(torch.tensor([v for _, v in ours[tag]]), torch.tensor([v for _, v in reference[tag]]), rtol=1e-4, atol=1e-5)
+
+
+class SignalAtFitStart(L.Callback):
+    """Sends SIGUSR1 before training starts: while a requeued job restores its checkpoint and builds loaders."""
+
+    def on_fit_start(self, trainer, pl_module):
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_a_signal_before_training_starts_is_acted_on_at_the_first_step(tmp_path, shapes_root):
+    received_by_the_process = []  # stands in for the default action (ending the process) if Preemption missed it
+    signal.signal(signal.SIGUSR1, lambda *_: received_by_the_process.append(True))
+    run = fit(tmp_path, shapes_root, epochs=1, run=False)
+    run.trainer.callbacks.append(SignalAtFitStart())
+    with pytest.raises(Preempted):
+        run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert not received_by_the_process and run.trainer.global_step == 0
+    assert torch.load(Preemption.checkpoint_path(run.trainer), weights_only=False)["global_step"] == 0
+    resumed = fit(tmp_path, shapes_root, "--ckpt_path=last", epochs=1)
+    assert resumed.trainer.global_step == 16
 
 
 def test_without_a_signal_nothing_is_checkpointed_early(tmp_path, shapes_root):
