@@ -157,7 +157,7 @@ class ObjectiveClassifier(L.LightningModule):
         """The objective's logits from ``net``'s penultimate ``features``, formed in the head's own precision:
         float32 under bf16 autocast. bf16 keeps 8 bits of mantissa, so logits scaled by 1/tau (Eq. 6, 7; tau
         down to 0.01 in Table 4) or pulled to M = 60 (Eq. 9) would move in steps of 0.125-0.5; the head is
-        under 0.1% of ResNet-50's FLOPs (benchmarks/bf16_head.py measures the difference)."""
+        0.05 % of ResNet-50's FLOPs (benchmarks/bf16_head.py measures the difference)."""
         with torch.autocast(features.device.type, enabled=False):
             return self.objective.logits(features.to(net.head.weight.dtype), net.head)
 

@@ -92,12 +92,21 @@ class RecordBatches(L.Callback):
 
 
 class SignalAt(L.Callback):
-    """Sends ``signum`` to this process once, when training reaches ``step`` (a preemption warning)."""
+    """Sends ``signum`` to this process once, when training reaches ``step`` (a preemption warning); with
+    ``step=None``, before training starts (while a requeued job restores its checkpoint and builds loaders)."""
 
-    def __init__(self, step: int, signum: int):
+    def __init__(self, step: int | None, signum: int):
         self.step, self.signum, self.sent = step, signum, False
 
+    def on_fit_start(self, trainer, pl_module):
+        if self.step is None:
+            self._send()
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step >= self.step and not self.sent:
+        if self.step is not None and trainer.global_step >= self.step:
+            self._send()
+
+    def _send(self):
+        if not self.sent:
             self.sent = True
             os.kill(os.getpid(), self.signum)

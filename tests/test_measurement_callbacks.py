@@ -9,12 +9,24 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from callbacks import TransferProbes
+from callbacks import TransferData, TransferProbes
 from callbacks.representation import balanced_subset
-from measurements import class_separation, relu_nonzero_fraction
+from measurements import class_separation, knn_probe, linear_probe, relu_nonzero_fraction
 
 from .helpers import ffcv_datamodule, scalars, write_indexed_beton
 from .test_training import fit
+
+
+def ema_features(model, data, source, subset=None, precision=torch.float32):
+    """The EMA network's penultimate features of ``source`` (under bf16 autocast when asked), with labels."""
+    xs, ys = [], []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == torch.bfloat16):
+        for images, labels in data.evaluation_dataloader(source, subset):
+            images, labels = data.on_after_batch_transfer((images, labels), 0)
+            xs.append(model.ema.module.eval()(images))
+            ys.append(labels.clone())
+    assert xs[0].dtype == precision
+    return torch.cat(xs), torch.cat(ys)
 
 
 @pytest.fixture(scope="module")
@@ -50,20 +62,11 @@ def test_logged_numbers_are_those_of_the_ema_network(measured_run):
     def last(tag):
         return events.Scalars(tag)[-1].value
 
-    def features(source, subset=None):
-        xs, ys = [], []
-        with torch.no_grad():
-            for images, labels in data.evaluation_dataloader(source, subset):
-                images, labels = data.on_after_batch_transfer((images, labels), 0)
-                xs.append(model.ema.module.eval()(images))
-                ys.append(labels.clone())
-        return torch.cat(xs), torch.cat(ys)
-
     subset = balanced_subset(data.labels("train"), 2000, seed=0)  # the quickstart's train_images
-    train_x, train_y = features("train", subset)
+    train_x, train_y = ema_features(model, data, "train", subset)
     assert len(train_y) == len(subset) and torch.bincount(train_y).max() <= 2000 // 60
     assert last("class_separation/train/penultimate") == pytest.approx(class_separation(train_x, train_y), abs=1e-5)
-    val_x, val_y = features("val")
+    val_x, val_y = ema_features(model, data, "val")
     assert last("class_separation/val/penultimate") == pytest.approx(class_separation(val_x, val_y), abs=1e-5)
     assert last("relu_nonzero/penultimate") == pytest.approx(relu_nonzero_fraction(val_x), abs=1e-6)
     assert 0 <= last("calibration/ece") <= 1 and last("calibration/nll") > 0
@@ -111,26 +114,15 @@ def test_the_printed_summary_keeps_the_headline_numbers(tmp_path):
 def test_under_bf16_autocast_the_probes_see_bf16_features_and_compute_in_float32(tmp_path):
     # The GPU default (bf16-mixed), on the CPU: the forward passes run under autocast, the probes outside it
     # (inside, the linear probe's float32 products became bf16 and failed; the kNN similarities would be bf16).
-    from callbacks.transfer import TransferData
-    from measurements import knn_probe, linear_probe
-
     sizes = ["--data.init_args.num_train=512", "--data.init_args.num_val=64"]
     run = fit(tmp_path, tmp_path / "shapes", "--trainer.precision=bf16-mixed", "--trainer.limit_train_batches=2",
               "--trainer.limit_val_batches=1", *sizes)
     model, data = run.model, run.datamodule
     spec = TransferData(*data.transfer_paths()["texture"])
 
-    def features(source):
-        xs, ys = [], []
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            for images, labels in data.evaluation_dataloader(source):
-                images, labels = data.on_after_batch_transfer((images, labels), 0)
-                xs.append(model.ema.module.eval()(images))
-                ys.append(labels.clone())
-        assert xs[0].dtype == torch.bfloat16
-        return torch.cat(xs).float(), torch.cat(ys)
-
-    (train_x, train_y), (test_x, test_y) = features(spec.train), features(spec.test)
+    train_x, train_y = ema_features(model, data, spec.train, precision=torch.bfloat16)
+    test_x, test_y = ema_features(model, data, spec.test, precision=torch.bfloat16)
+    train_x, test_x = train_x.float(), test_x.float()
     logged = {tag: values[-1][1] for tag, values in scalars(run.trainer.log_dir).items()}
     linear = linear_probe(train_x, train_y, test_x, test_y, measure=spec.score_measure())
     knn = knn_probe(train_x, train_y, test_x, test_y, measure=spec.score_measure())

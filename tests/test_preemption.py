@@ -1,9 +1,7 @@
 """Preemption in one process: SIGUSR1 mid-epoch -> last.ckpt between two steps -> resume exactly."""
 
-import os
 import signal
 
-import lightning as L
 import pytest
 import torch
 
@@ -51,18 +49,11 @@ def test_preempted_mid_epoch_resumes_at_the_same_step_with_the_same_data(tmp_pat
         torch.testing.assert_close(torch.tensor([v for _, v in ours[tag]]), torch.tensor([v for _, v in reference[tag]]), rtol=1e-4, atol=1e-5)
 
 
-class SignalAtFitStart(L.Callback):
-    """Sends SIGUSR1 before training starts: while a requeued job restores its checkpoint and builds loaders."""
-
-    def on_fit_start(self, trainer, pl_module):
-        os.kill(os.getpid(), signal.SIGUSR1)
-
-
 def test_a_signal_before_training_starts_is_acted_on_at_the_first_step(tmp_path, shapes_root):
     received_by_the_process = []  # stands in for the default action (ending the process) if Preemption missed it
     signal.signal(signal.SIGUSR1, lambda *_: received_by_the_process.append(True))
     run = fit(tmp_path, shapes_root, epochs=1, run=False)
-    run.trainer.callbacks.append(SignalAtFitStart())
+    run.trainer.callbacks.append(SignalAt(None, signal.SIGUSR1))
     with pytest.raises(Preempted):
         run.trainer.fit(run.model, datamodule=run.datamodule)
     assert not received_by_the_process and run.trainer.global_step == 0
