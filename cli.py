@@ -17,6 +17,7 @@ from jsonargparse import lazy_instance
 
 from callbacks import Preemption
 from callbacks.preemption import Preempted
+from callbacks.run_config import RunConfig, name_run
 from datamodules import ImageClassificationData
 from lightning_modules import ObjectiveClassifier
 from lightning_modules.atomic_checkpoint import AtomicCheckpointIO
@@ -31,6 +32,7 @@ class TransferStudyCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         config.trainer.precision = default_precision(config.trainer.precision, config.trainer.accelerator)
+        name_run(config)  # <root>/<objective>/seed<k> unless the config names it (callbacks/run_config.py)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -74,7 +76,8 @@ def main(args=None, run: bool = True) -> TransferStudyCLI:
             ImageClassificationData,  # any of its subclasses, by class_path: FFCV, torchvision folders, shapes
             subclass_mode_data=True,
             trainer_defaults=trainer_defaults(),
-            save_config_kwargs={"overwrite": True},  # a requeued job writes its config again
+            save_config_callback=RunConfig,  # one run per folder: refuses another config's, or a fresh fit over one
+            save_config_kwargs={"overwrite": True},  # a resumed or requeued run writes its config again
             auto_configure_optimizers=False,  # the recipe lives in ObjectiveClassifier.configure_optimizers
             args=args,
             run=run,

@@ -21,9 +21,12 @@ from typing import Optional
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
+
+from .run_config import fingerprint
 
 __all__ = ["MeasurementCallback", "forward_pass", "gather_rows", "summary_path"]
 
@@ -146,14 +149,22 @@ def record(trainer: L.Trainer, module: L.LightningModule, scalars: dict[str, flo
         plt.close(figure)
 
     path = summary_path(trainer)
+    config = path.parent / "config.yaml"
+    config_text = config.read_text() if config.is_file() else None
+    run = fingerprint(yaml.safe_load(config_text)) if config_text else None
     summary = json.loads(path.read_text()) if path.is_file() else {"evaluations": []}
+    if summary.get("fingerprint") != run and summary["evaluations"]:
+        # Another config's numbers (a folder reused with other hyper-parameters): set aside, never merged.
+        path.replace(path.with_name(f"measurements.{summary.get('fingerprint')}.json"))
+        summary = {"evaluations": []}
+    summary["fingerprint"] = run  # callbacks/run_config.py: what decides the numbers
     summary["objective"] = module.hparams.get("objective")
     summary["hparams"] = {k: v for k, v in module.hparams.items() if k != "objective"}
-    config = path.parent / "config.yaml"
-    if config.is_file():
-        summary["config"] = config.read_text()
+    if config_text is not None:
+        summary["config"] = config_text
     evaluations = {e["step"]: e for e in summary["evaluations"]}  # a resumed run re-measures a step: replace
     entry = evaluations.setdefault(step, {"epoch": trainer.current_epoch, "step": step, "measurements": {}})
+    entry["fingerprint"] = run
     entry["measurements"].update({tag: float(v) for tag, v in scalars.items()})
     summary["evaluations"] = [evaluations[s] for s in sorted(evaluations)]
     path.parent.mkdir(parents=True, exist_ok=True)

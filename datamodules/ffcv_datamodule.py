@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from compat import install_ffcv_order, set_ffcv_epoch
+
 from .beton import BetonError, beton_labels
 from .image_data import EpochAlignedLoader, ImageClassificationData
 
@@ -19,9 +21,7 @@ __all__ = ["FFCVImageDataModule"]
 
 
 class _EpochShards:
-    """FFCV traversal order that reads ``shard(epoch)``. FFCV 1.0.2 accepts custom orders in its
-    signature but then fails on them (it tests ``isinstance`` where it means ``issubclass``), so the
-    order is installed on the loader after construction."""
+    """FFCV traversal order that reads ``shard(epoch)`` (installed by ``compat.install_ffcv_order``)."""
 
     def __init__(self, shard: Callable[[int], np.ndarray]):
         self.shard = shard
@@ -29,10 +29,6 @@ class _EpochShards:
 
     def sample_order(self, epoch: int) -> np.ndarray:
         return self.shard(epoch)[self.skip:]
-
-    def install(self, loader) -> None:
-        loader.traversal_order = self
-        loader.first_traversal_order = self.sample_order(0)  # FFCV's len() reads it
 
 
 class FFCVImageDataModule(ImageClassificationData):
@@ -69,14 +65,16 @@ class FFCVImageDataModule(ImageClassificationData):
         return beton_labels(self._path(source), self.make_hint)
 
     def _loader(self, source: str, train: bool, subset: Optional[np.ndarray] = None) -> EpochAlignedLoader:
-        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
         from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+        from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+
+        from .seeded_augmentation import SeededHorizontalFlip, SeededRandomResizedCrop
 
         size = (self.image_size, self.image_size)
-        if train:
-            decoder = RandomResizedCropRGBImageDecoder(size, scale=self.crop_scale, ratio=self.crop_ratio)
-            decode = [decoder, RandomHorizontalFlip()] if self.flip else [decoder]
+        if train:  # crops and flips drawn from (seed, batch, image), not from FFCV's per-thread generators
+            decoder = SeededRandomResizedCrop(size, scale=self.crop_scale, ratio=self.crop_ratio, seed=self.seed)
+            decode = [decoder, SeededHorizontalFlip(self.seed)] if self.flip else [decoder]
         else:
             decode = [CenterCropRGBImageDecoder(size, ratio=self.image_size / self.val_resize)]
         on_gpu = self.device.type == "cuda"
@@ -98,10 +96,10 @@ class FFCVImageDataModule(ImageClassificationData):
         except Exception as err:
             raise BetonError(f"Could not open {path} with FFCV ({type(err).__name__}: {err}). {self.make_hint}") from err
         order = _EpochShards(lambda epoch: subset[self.shard(len(subset), train, epoch)])
-        order.install(loader)
+        install_ffcv_order(loader, order)
 
         def before_epoch(epoch: int, skip: int) -> None:
-            loader.next_epoch = epoch  # FFCV's own counter restarts at 0 in a new process
+            set_ffcv_epoch(loader, epoch)
             order.skip = skip
             if train:  # FFCV sizes its buffers at the start of every pass
                 res = self.train_resolution(epoch)

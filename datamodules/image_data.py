@@ -8,6 +8,7 @@ a YAML file switches between them by changing ``class_path`` and the data paths 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -15,6 +16,8 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
+
+from compat import batches_done_this_epoch
 
 from .distributed import cpus_per_process, epoch_shard
 from .sources import DataError
@@ -25,6 +28,11 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def run_seed() -> int:
+    """The seed ``seed_everything`` gave this process (LightningCLI's ``--seed_everything``), 0 if none."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 @dataclass(frozen=True)
@@ -87,8 +95,8 @@ class ImageClassificationData(L.LightningDataModule):
     """Base of the image-classification data modules.
 
     Args:
-        global_batch_size: images per optimiser step over all processes; each process loads
-            ``global_batch_size / world_size``.
+        global_batch_size: images per optimiser step over all processes; each process loads batches of
+            ``global_batch_size / (world_size * accumulate_grad_batches)``.
         num_classes: classes of the task; read from the training labels when not given.
         image_size: side of the training crop and of the evaluation centre crop.
         val_resize: evaluation resizes the shorter side to this, then centre-crops ``image_size``.
@@ -97,7 +105,9 @@ class ImageClassificationData(L.LightningDataModule):
         flip: random horizontal flips in training.
         num_workers: decoding workers per process; default: SLURM's CPUs per task, else this process's
             share of the CPUs in its affinity mask.
-        seed: seed of the training order; epoch e's order is a function of (seed, e) only.
+        seed: seed of the training order and augmentation (epoch e's order is a function of (seed, e) only);
+            by default the run's seed (``seed_everything``), so one knob changes initialisation, order,
+            augmentation and dropout together.
         mean: per-channel mean of uint8 pixels, subtracted on the device.
         std: per-channel standard deviation of uint8 pixels.
         progressive_resolution: optional schedule of the training crop size by epoch.
@@ -113,7 +123,7 @@ class ImageClassificationData(L.LightningDataModule):
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         flip: bool = True,
         num_workers: Optional[int] = None,
-        seed: int = 0,
+        seed: Optional[int] = None,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         progressive_resolution: Optional[ProgressiveResolution] = None,
@@ -135,7 +145,7 @@ class ImageClassificationData(L.LightningDataModule):
         self.crop_ratio = tuple(crop_ratio)
         self.flip = flip
         self.num_workers = num_workers
-        self.seed = seed
+        self.seed = run_seed() if seed is None else seed
         self.progressive_resolution = progressive_resolution
         self._mean = torch.tensor(mean).view(1, 3, 1, 1)
         self._std = torch.tensor(std).view(1, 3, 1, 1)
@@ -169,13 +179,15 @@ class ImageClassificationData(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         for split in ["train", "val"] if stage == "fit" else ["val"]:
             self._check_labels(split)
+        # One optimiser step sees the global batch: world_size processes x accumulate_grad_batches micro-batches.
         world = self.world_size
-        if self.global_batch_size % world:
+        accumulate = getattr(self.trainer, "accumulate_grad_batches", 1)
+        if self.global_batch_size % (world * accumulate):
             raise ValueError(
-                f"global_batch_size={self.global_batch_size} is not divisible by the {world} processes; "
-                f"choose a multiple of {world}."
+                f"global_batch_size={self.global_batch_size} is not divisible by the {world} processes x "
+                f"{accumulate} accumulated micro-batches; choose a multiple of {world * accumulate}."
             )
-        self.batch_size_per_process = self.global_batch_size // world
+        self.batch_size_per_process = self.global_batch_size // (world * accumulate)
         if self.num_workers is None:
             self.num_workers = cpus_per_process(self.trainer.num_devices if self.trainer is not None else 1)
 
@@ -209,8 +221,7 @@ class ImageClassificationData(L.LightningDataModule):
         """Training batches of the current epoch this run already trained on: 0, except in a run resumed
         from a checkpoint written mid-epoch (``callbacks.Preemption``), whose progress Lightning restores
         before the first batch is asked for."""
-        loop = getattr(self.trainer, "fit_loop", None)
-        return loop.epoch_loop.batch_progress.current.completed if loop is not None else 0
+        return batches_done_this_epoch(self.trainer)
 
     def shard(self, num_samples: int, train: bool, epoch: int = 0) -> np.ndarray:
         """This process's indices for ``epoch`` (``distributed.epoch_shard``)."""

@@ -200,7 +200,7 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
         crop_ratio: range of the random crop's aspect ratio.
         flip: random horizontal flips in training.
         num_workers: FFCV decoding threads per process.
-        seed: seed of the training order.
+        seed: seed of the training order and augmentation; by default the run's (``seed_everything``).
     """
 
     def __init__(
@@ -217,7 +217,7 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         flip: bool = True,
         num_workers: int | None = None,
-        seed: int = 0,
+        seed: int | None = None,
     ):
         super().__init__(
             train_path=str(Path(root) / "train.beton"),

@@ -19,10 +19,12 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from compat import training_batches_per_epoch
+
 from .backbones import build_backbone, residual_blocks
 from .objectives import Objective, make_objective
 
-__all__ = ["Network", "ObjectiveClassifier", "warmup_exponential_decay"]
+__all__ = ["Network", "ObjectiveClassifier", "ema_decay_at", "warmup_exponential_decay"]
 
 
 class Network(nn.Module):
@@ -51,6 +53,22 @@ def warmup_exponential_decay(step: int, steps_per_epoch: int, warmup_epochs: flo
     return decay_per_epoch ** math.floor((step - warmup_steps) / steps_per_epoch)
 
 
+def ema_decay_at(step: int, decay: float, warmup: str, batch_ratio: float = 1.0) -> float:
+    """EMA momentum for the update after optimiser step ``step`` (0-based) at a global batch of
+    ``batch_ratio`` times the reference batch at which ``decay`` holds.
+
+    ``warmup="tensorflow"`` is ``tf.train.ExponentialMovingAverage(decay, num_updates=t)``, the averaging of
+    the paper's TensorFlow code: min(decay, (1 + t) / (10 + t)), with t counted in reference-batch steps,
+    so early averages forget the random initialisation (without it, 0.9999 at batch 4096 leaves ~78 % of
+    the initial weights in the EMA after 8 epochs). ``"none"``: ``decay`` from the first step. Either way the
+    momentum is raised to ``batch_ratio``, which keeps the averaging horizon in images (appendix A.1).
+    """
+    if warmup == "tensorflow":
+        t = (step + 1) * batch_ratio
+        decay = min(decay, (1 + t) / (10 + t))
+    return decay**batch_ratio
+
+
 class ObjectiveClassifier(L.LightningModule):
     """Trains a classifier with a chosen objective, evaluating the EMA of its weights.
 
@@ -72,6 +90,9 @@ class ObjectiveClassifier(L.LightningModule):
         ema_decay: EMA momentum per step at ``ema_reference_batch``; None disables the EMA. With another
             global batch B the horizon in images is kept: decay = ema_decay ** (B / ema_reference_batch).
         ema_reference_batch: global batch at which ``ema_decay`` holds.
+        ema_warmup: "tensorflow" (default): the momentum ramps up as min(decay, (1 + t) / (10 + t)) over
+            the first optimiser steps t, as in the paper's TensorFlow code (``ema_decay_at``), so the EMA
+            measured at early epochs describes trained weights, not the initialisation; "none": constant.
         compile: ``torch.compile`` the network's forward (in place: checkpoints keep their keys). The
             first steps are slower while it compiles; worth it for long GPU runs.
 
@@ -95,6 +116,7 @@ class ObjectiveClassifier(L.LightningModule):
         lr_decay_per_epoch: float = 0.975,
         ema_decay: Optional[float] = 0.9999,
         ema_reference_batch: int = 4096,
+        ema_warmup: Literal["tensorflow", "none"] = "tensorflow",
         compile: bool = False,
     ):
         super().__init__()
@@ -104,6 +126,8 @@ class ObjectiveClassifier(L.LightningModule):
             raise ValueError(f"ema_decay must be in (0, 1] or None (no EMA), got {ema_decay} (the paper uses 0.9999).")
         if warmup_epochs < 0 or not 0.0 < lr_decay_per_epoch <= 1.0:
             raise ValueError("warmup_epochs must be >= 0 and lr_decay_per_epoch in (0, 1].")
+        if ema_warmup not in ("tensorflow", "none"):
+            raise ValueError(f"ema_warmup must be 'tensorflow' or 'none', got {ema_warmup!r}.")
         self.save_hyperparameters(ignore=["objective"])
         self.objective = make_objective(objective)
         self.hparams["objective"] = self.objective.config()  # which objective and variant a run used
@@ -114,8 +138,8 @@ class ObjectiveClassifier(L.LightningModule):
         self.network = Network(features, head)
         self.ema = None
         if ema_decay is not None:
-            decay = ema_decay ** (global_batch_size / ema_reference_batch)
-            self.ema = ModelEmaV3(self.network, decay=decay)
+            decay = ema_decay_at(10**9, ema_decay, "none", global_batch_size / ema_reference_batch)
+            self.ema = ModelEmaV3(self.network, decay=decay)  # the decay after warm-up; each update passes its own
             self.ema.requires_grad_(False)  # updated by averaging, never by the optimiser (or DDP)
             # Its mode follows the module's like every child (eval whenever it is evaluated); timm leaves
             # it in eval, which Lightning would flag at the start of fit.
@@ -128,8 +152,10 @@ class ObjectiveClassifier(L.LightningModule):
         # Sums over every evaluated image, reduced across ranks by summation: exact when ranks hold
         # different numbers of images (Lightning's own epoch mean would average the per-rank means).
         self.val_loss = MeanMetric()
-        # First step whose loss was not finite (-1: none). Kept on the device so the check costs no sync.
-        self.register_buffer("first_nonfinite_step", torch.tensor(-1), persistent=False)
+        # First step whose loss was not finite (-1: none). Kept on the device so the check costs no sync; a
+        # plain attribute, not a buffer: DDP broadcasts buffers from rank 0, overwriting the other ranks' flags.
+        self.first_nonfinite_step = torch.tensor(-1)
+        self._ema_updated_at = 0  # global step of the last EMA update: one per optimiser step
         self._compiled = False
 
     def configure_model(self) -> None:
@@ -178,9 +204,17 @@ class ObjectiveClassifier(L.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=batch_size)
         return loss
 
+    def on_train_start(self) -> None:
+        self._ema_updated_at = self.global_step  # also after a resume: the next update follows the next step
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.ema is not None:
-            self.ema.update(self.network)
+        # Once per optimiser step, not per micro-batch (accumulate_grad_batches > 1): decay and warm-up
+        # count optimiser steps at the global batch.
+        if self.ema is not None and self.global_step != self._ema_updated_at:
+            hp = self.hparams
+            ratio = hp.global_batch_size / hp.ema_reference_batch
+            self.ema.apply_update_(self.network, ema_decay_at(self.global_step - 1, hp.ema_decay, hp.ema_warmup, ratio))
+            self._ema_updated_at = self.global_step
         if self.global_step % self.trainer.log_every_n_steps == 0:
             self._raise_if_nonfinite()
 
@@ -214,21 +248,29 @@ class ObjectiveClassifier(L.LightningModule):
             momentum=hp.momentum,
             nesterov=hp.nesterov,
         )
-        steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
+        steps_per_epoch = self.steps_per_epoch()
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: warmup_exponential_decay(step, steps_per_epoch, hp.warmup_epochs, hp.lr_decay_per_epoch),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps per training epoch, whatever bounds the run (max_epochs or max_steps): the warm-up
+        and the per-epoch decay are in epochs of the data, not fractions of the run."""
+        batches = training_batches_per_epoch(self.trainer)
+        return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+
     # --- a non-finite loss stops the run without writing a checkpoint of broken weights ---
 
     def _track_nonfinite(self, loss: Tensor) -> None:
+        if self.first_nonfinite_step.device != loss.device:
+            self.first_nonfinite_step = self.first_nonfinite_step.to(loss.device)
         first_seen = (~torch.isfinite(loss.detach())) & (self.first_nonfinite_step < 0)
-        self.first_nonfinite_step.copy_(torch.where(first_seen, self.global_step, self.first_nonfinite_step))
+        self.first_nonfinite_step = torch.where(first_seen, self.global_step, self.first_nonfinite_step)
 
     def _raise_if_nonfinite(self) -> None:
-        flag = self.first_nonfinite_step.float()
+        flag = self.first_nonfinite_step.to(self.device).float()
         flag = torch.where(flag < 0, torch.full_like(flag, math.inf), flag)
         step = self.trainer.strategy.reduce(flag, reduce_op="min")  # every rank agrees, so all stop
         if math.isfinite(step.item()):

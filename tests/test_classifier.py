@@ -1,3 +1,4 @@
+import math
 """The recipe of appendix A.1 as ObjectiveClassifier builds it."""
 
 
@@ -37,8 +38,7 @@ def test_weight_decay_only_on_conv_and_linear_weights():
                                 backbone="resnet18")
 
     class _Trainer:
-        estimated_stepping_batches = 100
-        max_epochs = 10
+        train_dataloader, num_training_batches, accumulate_grad_batches = [], 10, 1
 
     model._trainer = _Trainer()  # configure_optimizers reads the steps per epoch
     config = model.configure_optimizers()
@@ -116,3 +116,26 @@ def test_default_precision(precision, accelerator, gpu_has_bf16, expected):
     from cli import default_precision
 
     assert default_precision(precision, accelerator, gpu_has_bf16) == expected
+
+
+def test_ema_warmup_is_tensorflows_and_keeps_the_horizon_in_images():
+    from lightning_modules.classifier import ema_decay_at
+
+    # tf.train.ExponentialMovingAverage(0.9999, num_updates=t): min(decay, (1 + t) / (10 + t)), t = updates so far.
+    assert ema_decay_at(0, 0.9999, "tensorflow") == pytest.approx(2 / 11)
+    assert ema_decay_at(99, 0.9999, "tensorflow") == pytest.approx(101 / 110)
+    assert ema_decay_at(10**7, 0.9999, "tensorflow") == 0.9999
+    assert ema_decay_at(0, 0.9999, "none") == 0.9999
+    # At a quarter of the reference batch, t counts reference-batch steps and the momentum is raised to 1/4.
+    assert ema_decay_at(3, 0.9999, "tensorflow", 0.25) == pytest.approx((2 / 11) ** 0.25)
+    assert ema_decay_at(10**8, 0.9999, "none", 0.25) == pytest.approx(0.9999**0.25)
+
+    # What is left of the initial weights after 8 ImageNet epochs at batch 4096 (312 steps each): the
+    # product of the momenta. Without warm-up ~78 % (the issue's number), with it a trace.
+    def initial_share(warmup):
+        return math.prod(ema_decay_at(t, 0.9999, warmup) for t in range(8 * 312))
+
+    assert initial_share("none") == pytest.approx(0.9999 ** (8 * 312)) and initial_share("none") > 0.77
+    assert initial_share("tensorflow") < 1e-3
+    with pytest.raises(ValueError, match="ema_warmup must be 'tensorflow' or 'none'"):
+        ObjectiveClassifier(num_classes=10, backbone="resnet18", ema_warmup="timm")

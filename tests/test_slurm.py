@@ -71,7 +71,7 @@ def test_quickstart_as_a_two_process_ddp_job(cluster, tmp_path, shapes_root):
     assert info["NumTasks"] == "2"
     log = output(run_dir)
     assert "1 node(s) x 2 process(es)" in log and "Traceback" not in log
-    version = run_dir / "quickstart" / "softmax"
+    version = run_dir / "softmax" / "seed0"
     assert {p.name for p in (version / "checkpoints").iterdir()} == {"last.ckpt", "epoch000.ckpt"}
     logged = scalars(version)
     # 1024 images at a global batch of 64 over 2 processes: 16 steps, logged every 10
@@ -86,7 +86,7 @@ def test_preemption_checkpoints_requeues_and_resumes_into_one_tensorboard_run(cl
     run_dir = tmp_path / "run"
     python = sys.executable if where == "python" else f"env PATH={Path(sys.executable).parent} {sys.executable}"
     job = submit(cluster, run_dir, shapes_root, "--ntasks-per-node=2", epochs=4, python=python)
-    version = run_dir / "quickstart" / "softmax"
+    version = run_dir / "softmax" / "seed0"
     wait_for_file(version / "checkpoints" / "epoch000.ckpt", cluster, job)
     cluster.scancel("--signal=USR1", str(job))  # as `--signal=SIGUSR1@90` does: to the job step's tasks
 
@@ -108,7 +108,7 @@ def test_preemption_checkpoints_requeues_and_resumes_into_one_tensorboard_run(cl
 def test_a_rank_that_dies_fails_the_job_within_a_bounded_time(cluster, tmp_path, shapes_root):
     run_dir = tmp_path / "run"
     job = submit(cluster, run_dir, shapes_root, "--ntasks-per-node=2", epochs=20)
-    wait_for_file(run_dir / "quickstart" / "softmax" / "checkpoints" / "epoch000.ckpt", cluster, job)
+    wait_for_file(run_dir / "softmax" / "seed0" / "checkpoints" / "epoch000.ckpt", cluster, job)
     ranks = training_processes(run_dir)
     assert len(ranks) == 2
     os.kill(ranks[1], signal.SIGKILL)
@@ -129,7 +129,6 @@ def test_a_sweep_is_one_array_job_with_a_task_per_config(cluster, tmp_path, shap
     for objective in ["Softmax", "Sigmoid"]:
         config = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
         config["model"]["objective"] = objective
-        config["trainer"]["logger"]["init_args"]["version"] = objective.lower()
         configs.append(tmp_path / f"{objective.lower()}.yaml")
         configs[-1].write_text(yaml.safe_dump(config))
     submitted = subprocess.run(
@@ -144,7 +143,7 @@ def test_a_sweep_is_one_array_job_with_a_task_per_config(cluster, tmp_path, shap
     for task in [0, 1]:
         finished(cluster, f"{job}_{task}", run_dir)
     for objective in ["softmax", "sigmoid"]:
-        version = run_dir / "quickstart" / objective
+        version = run_dir / objective / "seed0"  # each objective names its own run
         assert f"class_path: lightning_modules.{objective.capitalize()}" in (version / "config.yaml").read_text()
         assert [step for step, _ in scalars(version)["val/acc1"]] == [15]  # 1024 images, batch 64: 16 steps
     log = output(run_dir)
@@ -161,5 +160,5 @@ def test_two_nodes_in_network_namespaces_train_one_ddp_job(tmp_path, shapes_root
     assert info["NodeList"] == "n[1-2]" and info["NumTasks"] == "2"
     log = output(run_dir)
     assert "2 node(s) x 1 process(es)" in log
-    logged = scalars(run_dir / "quickstart" / "softmax")
+    logged = scalars(run_dir / "softmax" / "seed0")
     assert [step for step, _ in logged["val/acc1"]] == [15]  # 16 steps: each node took half of every batch

@@ -74,7 +74,7 @@ def test_every_objective_trains_a_few_steps_with_finite_logs(tmp_path, shapes_ro
 
 def test_validation_evaluates_the_ema_weights(tmp_path, shapes_root):
     # decay 1.0 freezes the EMA at the initial weights, so EMA and live weights surely differ.
-    run = fit(tmp_path, shapes_root, "--model.ema_decay=1.0", "--model.ema_reference_batch=64",
+    run = fit(tmp_path, shapes_root, "--model.ema_decay=1.0", "--model.ema_warmup=none", "--model.ema_reference_batch=64",
               "--model.warmup_epochs=0", "--trainer.limit_train_batches=8")
     model, data = run.model, run.datamodule
     logged = run.trainer.validate(model, datamodule=data, verbose=False)[0]["val/loss"]
@@ -114,14 +114,36 @@ def assert_same_end(straight, resumed, steps: int, epochs: int) -> None:
     torch.testing.assert_close(straight.model.ema.state_dict(), resumed.model.ema.state_dict(), rtol=1e-5, atol=1e-6)
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, shapes_root):
-    fit(tmp_path, shapes_root, "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0")
+def test_accumulation_and_max_steps_follow_the_global_batch_and_the_epoch(tmp_path, shapes_root, monkeypatch):
+    from timm.utils.model_ema import ModelEmaV3
+
+    updates = []
+    real_update = ModelEmaV3.apply_update_
+    monkeypatch.setattr(ModelEmaV3, "apply_update_", lambda self, model, decay: (updates.append(decay), real_update(self, model, decay)))
+    # 2 optimiser steps of 2 micro-batches each, bounded by max_steps alone.
+    run = fit(tmp_path, shapes_root, "--trainer.accumulate_grad_batches=2", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+              epochs=-1)
+    assert run.datamodule.batch_size_per_process == 32  # global batch 64 = 2 micro-batches of 32
+    assert run.trainer.global_step == 2 and len(updates) == 2  # the EMA moves once per optimiser step
+    # Warm-up over 1 epoch of 1024 images = 16 optimiser steps, not over the 2 steps of the run: after 2 steps
+    # the lr is 3/16 of the peak (0.2 * 64 / 256).
+    assert run.model.steps_per_epoch() == 16
+    assert run.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.2 * 64 / 256 * 3 / 16)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, shapes_root, monkeypatch):
+    args = ["--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0", "--trainer.log_every_n_steps=1"]
+    fit(tmp_path, shapes_root, *args)
     last = next(tmp_path.rglob("last.ckpt"))
     before = hashlib.sha256(last.read_bytes()).hexdigest()
-    with pytest.raises(FloatingPointError, match=r"non-finite at step 0 with objective SquaredError"):
-        # M = 1e38 makes (z - M)^2 overflow to inf on the first step.
-        fit(tmp_path, shapes_root, "--model.objective=SquaredError", "--model.objective.m=1e38",
-            "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=0")
+    from lightning_modules.objectives import Objective
+
+    def overflowing(self, logits, target, head):  # the resumed epoch's loss overflows on its first step
+        return {"cross_entropy": logits.sum() * float("inf")}
+
+    monkeypatch.setattr(Objective, "loss_terms", overflowing)
+    with pytest.raises(FloatingPointError, match=r"non-finite at step 2 with objective Softmax"):
+        fit(tmp_path, shapes_root, *args, "--ckpt_path=last", epochs=2)
     assert hashlib.sha256(last.read_bytes()).hexdigest() == before
     torch.load(last, map_location="cpu", weights_only=False)  # still loadable
 
@@ -182,7 +204,7 @@ def test_ddp_on_two_cpu_processes_sees_disjoint_data_and_ends_with_identical_wei
     # Validation: 37 images over 2 ranks (19 + 18) are each evaluated exactly once, and the logged
     # numbers are the exact means over the 37, not means of per-rank means or of padded shards.
     assert sorted(ranks[0]["val_labels"] + ranks[1]["val_labels"]) == list(range(n_val))
-    logged = scalars(next(tmp_path.glob("lightning_logs/version_*")))
+    logged = scalars(tmp_path / "softmax" / "seed0")
     acc1 = sum(r["val_correct"] for r in ranks) / n_val
     loss = sum(r["val_loss_sum"] for r in ranks) / n_val
     assert logged["val/acc1"][-1][1] == pytest.approx(acc1, abs=1e-6)

@@ -1,0 +1,147 @@
+"""What a run is: its folder, its config and the fingerprint that tells two runs' configs apart.
+
+A run lives in ``<root>/<name>/<version>``: ``root`` is ``trainer.default_root_dir`` when given (else the
+logger's ``save_dir``), ``name`` the objective (``cosine_softmax``) unless the logger names it, and
+``version`` the seed (``seed3``) unless the logger names it (``name_run``). The folder holds one run of one
+config: ``RunConfig`` writes ``config.yaml`` there at the start of fit and refuses a second, different
+config, or a fresh start over an unfinished one, before anything is written.
+
+The fingerprint hashes what decides the numbers a run produces: the model, the data and the seed, and the
+trainer's arithmetic (precision, accumulation, clipping). It leaves out how the run is executed (devices,
+nodes, workers, paths, logging, progress bars, ``max_epochs``/``max_steps``, which only say how far it goes,
+and the measurement callbacks, which do not change training), so a resumed or requeued run, on other
+hardware or extended by more epochs, keeps its fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from lightning.pytorch.cli import SaveConfigCallback
+
+__all__ = ["RunConfig", "RunFolderError", "config_differences", "fingerprint", "name_run", "objective_slug"]
+
+DEFAULT_NAME = "lightning_logs"  # TensorBoardLogger's name when a config gives none
+
+# Keys (dotted, from the config's top) that say how a run executes, not what it computes.
+EXECUTION_KEYS = {
+    "ckpt_path",
+    "config",
+    "trainer.accelerator", "trainer.strategy", "trainer.devices", "trainer.num_nodes", "trainer.plugins",
+    "trainer.callbacks", "trainer.logger", "trainer.default_root_dir", "trainer.enable_progress_bar",
+    "trainer.enable_model_summary", "trainer.enable_checkpointing", "trainer.num_sanity_val_steps",
+    "trainer.log_every_n_steps", "trainer.max_epochs", "trainer.min_epochs", "trainer.max_steps", "trainer.min_steps",
+    "trainer.max_time", "trainer.benchmark", "trainer.profiler", "trainer.barebones", "trainer.val_check_interval",
+    "trainer.check_val_every_n_epoch", "trainer.limit_val_batches", "trainer.limit_test_batches",
+    "trainer.limit_predict_batches", "trainer.fast_dev_run", "trainer.reload_dataloaders_every_n_epochs",
+    "checkpoints",
+    "model.compile",
+    "data.init_args.num_workers", "data.init_args.os_cache",
+}
+PATH_KEYS = re.compile(r"^data\.init_args\.(\w+_path|root)$")  # the same data moved elsewhere is the same data
+
+
+class RunFolderError(RuntimeError):
+    """A run would write into a folder that holds another run."""
+
+
+def objective_slug(objective: Any) -> str:
+    """``CosineSoftmax`` (a name, a class path, or LightningCLI's {class_path, init_args}) -> ``cosine_softmax``."""
+    if objective is None:
+        name = "Softmax"
+    elif isinstance(objective, str):
+        name = objective
+    else:
+        name = objective["class_path"] if isinstance(objective, dict) else objective.class_path
+    name = name.rsplit(".", 1)[-1]
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+def name_run(config) -> None:
+    """Fill in the run's folder (module docstring) in a fit config (a jsonargparse Namespace), in place."""
+    logger = config.trainer.logger
+    if not hasattr(logger, "init_args") or not str(logger.class_path).endswith("TensorBoardLogger"):
+        return  # another logger (or none) names its own run
+    args = logger.init_args
+    if config.trainer.default_root_dir is not None:
+        args.save_dir = config.trainer.default_root_dir
+    if args.name in (None, DEFAULT_NAME):
+        args.name = objective_slug(config.model.objective)
+    if args.version is None:
+        seed = config.seed_everything  # LightningCLI has made True an int by now; False: no seeding
+        args.version = "unseeded" if seed is None or isinstance(seed, bool) else f"seed{seed}"
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: tree}
+
+
+def _identity(config: dict) -> dict[str, Any]:
+    """The config's keys that decide its numbers (module docstring), flattened."""
+    def executes(key: str) -> bool:
+        return PATH_KEYS.match(key) is not None or any(key == k or key.startswith(k + ".") for k in EXECUTION_KEYS)
+
+    return {key: value for key, value in _flatten(config).items() if not executes(key)}
+
+
+def fingerprint(config: dict) -> str:
+    """12 hex digits that change with anything that decides a run's numbers, and nothing else."""
+    text = json.dumps(_identity(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def config_differences(a: dict, b: dict) -> list[str]:
+    """``key: a -> b`` for every deciding key whose value differs between two configs."""
+    ia, ib = _identity(a), _identity(b)
+    return [f"{k}: {ia.get(k)!r} -> {ib.get(k)!r}" for k in sorted(set(ia) | set(ib)) if ia.get(k) != ib.get(k)]
+
+
+def read_config(path: Path) -> Optional[dict]:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+class RunConfig(SaveConfigCallback):
+    """Writes the run's ``config.yaml`` at the start of fit, after checking the folder holds no other run:
+    a different config there, or a ``last.ckpt`` when this fit does not resume (``--ckpt_path=last``), stops
+    the run before it writes anything. ``validate`` and ``test`` leave the run's config as it is."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or self.already_saved:
+            return
+        folder = Path(trainer.log_dir)  # a broadcast: every rank calls it
+        problem = self.problem(folder) if trainer.is_global_zero else None
+        problem = trainer.strategy.broadcast(problem)
+        if problem:
+            raise RunFolderError(problem)
+        super().setup(trainer, pl_module, stage)
+
+    def config_dict(self) -> dict:
+        import yaml
+
+        return yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+
+    def problem(self, folder: Path) -> Optional[str]:
+        previous = read_config(folder / self.config_filename)
+        fix = ("Give this run its own folder (--trainer.logger.init_args.version=<name>, or another seed or "
+               "default_root_dir)")
+        if previous is not None:
+            differences = config_differences(previous, self.config_dict())
+            if differences:
+                return (f"{folder} holds a run of another config ({'; '.join(differences[:8])}"
+                        f"{'; ...' if len(differences) > 8 else ''}). {fix}, or delete that folder to replace it.")
+        last = folder / "checkpoints" / "last.ckpt"
+        if last.is_file() and self.config.get("ckpt_path") is None:
+            return (f"{folder} holds a run of this config with a checkpoint ({last}). Resume it with "
+                    f"--ckpt_path=last; or {fix[0].lower() + fix[1:]}, or delete that folder to start over.")
+        return None
