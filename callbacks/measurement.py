@@ -8,11 +8,17 @@ in training); the statistics computed from them do not: autocast would run their
 per tag, at the global step) and to ``measurements.json`` beside the run's logs: for every evaluated
 epoch, every measurement, with the objective, the hyper-parameters and the run's config, for reports
 to aggregate later.
+
+A measurement never ends a run. The training loss is checked first (a non-finite loss stops the run, as
+in training); then a measurement that fails, e.g. on a training subset that lacks a class or on weights
+that have diverged, is reported as a warning and recorded under ``errors`` in measurements.json, and
+training, the other measurements and the epoch's checkpoint go on.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from contextlib import contextmanager
@@ -24,11 +30,12 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from .run_config import fingerprint
 
-__all__ = ["MeasurementCallback", "forward_pass", "gather_rows", "summary_path"]
+__all__ = ["DivergedWeights", "MeasurementCallback", "forward_pass", "gather_rows", "require_finite", "summary_path"]
 
 SUMMARY_FILE = "measurements.json"
 
@@ -41,6 +48,26 @@ def summary_path(trainer: L.Trainer) -> Path:
     return Path(folder) / SUMMARY_FILE
 
 
+class DivergedWeights(FloatingPointError):
+    """The evaluated network's outputs are not finite although the training loss was."""
+
+
+def diverged(what: str) -> DivergedWeights:
+    return DivergedWeights(
+        f"{what} not finite: the evaluated weights have diverged (the training loss may still be finite, if "
+        f"huge). Lower the learning rate (model.lr_per_256), lengthen model.warmup_epochs, or check the "
+        f"objective's hyper-parameters; `train/loss` in TensorBoard shows where it took off."
+    )
+
+
+def require_finite(values: Tensor, what: str) -> Tensor:
+    """``values`` if finite, else ``DivergedWeights`` saying what that means and what to change. Called on
+    numbers every process holds alike (gathered or reduced), so all of them fail or none does."""
+    if not torch.isfinite(values).all():
+        raise diverged(what + " are")
+    return values
+
+
 def forward_pass(trainer: L.Trainer, network: torch.nn.Module, images: Tensor) -> Tensor:
     """``network(images)`` under the trainer's precision. Forward hooks that reduce activations on the way
     run inside it: they turn autocast off for their own arithmetic (representation.py)."""
@@ -48,10 +75,24 @@ def forward_pass(trainer: L.Trainer, network: torch.nn.Module, images: Tensor) -
         return network(images)
 
 
-def gather_rows(module: L.LightningModule, rows: Tensor) -> Tensor:
-    """Concatenate every process's ``rows`` (its own number of them) on every process, in rank order."""
-    if module.trainer is None or module.trainer.world_size == 1:
-        return rows
+def gather_rows(module: L.LightningModule, num_samples: int, *rows: Tensor) -> tuple[Tensor, ...]:
+    """Every process's ``rows`` of one evaluation pass over ``num_samples`` samples (each process holds its
+    own shard, ``datamodule.shard(num_samples, train=False)``, in order), on every process and in sample
+    order: what is drawn from them by position afterwards (the probe's validation split, the calibration
+    halves) is then the same for any number of processes. Checked finite (``require_finite``)."""
+    positions = torch.from_numpy(module.trainer.datamodule.shard(num_samples, train=False)).to(module.device)
+    if any(len(r) != len(positions) for r in rows):
+        raise RuntimeError(f"An evaluation pass gave {[len(r) for r in rows]} rows for the {len(positions)} samples "
+                           f"of this process's shard: the loader must keep every sample, in order.")
+    if module.trainer.world_size > 1:
+        positions = _gather_ragged(module, positions)
+        rows = tuple(_gather_ragged(module, r) for r in rows)
+    order = torch.argsort(positions)
+    return tuple(require_finite(r[order], "The evaluated network's outputs") for r in rows)
+
+
+def _gather_ragged(module: L.LightningModule, rows: Tensor) -> Tensor:
+    """Concatenate every process's ``rows`` (its own number of them), in rank order."""
     counts = module.all_gather(torch.tensor(rows.shape[0], device=rows.device))
     padded = torch.zeros((int(counts.max()), *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
     padded[: rows.shape[0]] = rows
@@ -69,6 +110,7 @@ class MeasurementCallback(Callback):
         self.every_n_epochs = every_n_epochs
         self._last_measured_step: Optional[int] = None
         self._last_scalars: dict[str, float] = {}
+        self._last_error: Optional[str] = None
         self._loaders: dict[tuple[int, str], object] = {}
         self._fit_started, self.seconds = time.perf_counter(), 0.0  # time spent measuring, for its share of the fit
 
@@ -99,15 +141,27 @@ class MeasurementCallback(Callback):
             share = self.seconds / max(time.perf_counter() - self._fit_started, 1e-9)
             print(final_summary(type(self).__name__, trainer, self._last_scalars))
             print(f"  {type(self).__name__} took {self.seconds:.1f} s, {100 * share:.1f} % of the fit's wall time")
+        if trainer.is_global_zero and self._last_error:
+            print(f"{type(self).__name__} at step {trainer.global_step} failed (in {summary_path(trainer)}): {self._last_error}")
 
     def _run(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        start = time.perf_counter()
-        with self.evaluating(trainer, module):
-            scalars, figures = self.measure(trainer, module)
+        if hasattr(module, "raise_if_nonfinite"):
+            module.raise_if_nonfinite()  # a non-finite loss stops the run before anything is measured
+        start, error = time.perf_counter(), None
+        try:
+            with self.evaluating(trainer, module):
+                scalars, figures = self.measure(trainer, module)
+            bad = [tag for tag, value in scalars.items() if not math.isfinite(value)]
+            if bad:
+                raise diverged(", ".join(bad[:3]) + (" is" if len(bad) == 1 else " are"))
+        except Exception as err:  # noqa: BLE001 -- reported and recorded; the run goes on
+            scalars, figures = {}, {}
+            error = f"{type(err).__name__}: {err}"
+            rank_zero_warn(f"{type(self).__name__} failed at step {trainer.global_step}, training goes on: {error}")
         self.seconds += time.perf_counter() - start
-        self._last_measured_step, self._last_scalars = trainer.global_step, scalars
+        self._last_measured_step, self._last_scalars, self._last_error = trainer.global_step, scalars, error
         if trainer.is_global_zero:
-            record(trainer, module, scalars, figures)
+            record(trainer, module, scalars, figures, errors={type(self).__name__: error} if error else {})
 
     @staticmethod
     @contextmanager
@@ -134,8 +188,10 @@ def final_summary(name: str, trainer: L.Trainer, scalars: dict[str, float]) -> s
     return "\n".join(lines)
 
 
-def record(trainer: L.Trainer, module: L.LightningModule, scalars: dict[str, float], figures: dict[str, object]) -> None:
-    """Log to every logger at the global step and merge into the run's measurements.json (rank 0)."""
+def record(trainer: L.Trainer, module: L.LightningModule, scalars: dict[str, float], figures: dict[str, object],
+           errors: Optional[dict[str, str]] = None) -> None:
+    """Log to every logger at the global step and merge into the run's measurements.json (rank 0), with the
+    errors of measurements that failed at this step, by callback."""
     step = trainer.global_step
     for logger in trainer.loggers:
         logger.log_metrics(scalars, step=step)
@@ -166,6 +222,8 @@ def record(trainer: L.Trainer, module: L.LightningModule, scalars: dict[str, flo
     entry = evaluations.setdefault(step, {"epoch": trainer.current_epoch, "step": step, "measurements": {}})
     entry["fingerprint"] = run
     entry["measurements"].update({tag: float(v) for tag, v in scalars.items()})
+    if errors:
+        entry.setdefault("errors", {}).update(errors)
     summary["evaluations"] = [evaluations[s] for s in sorted(evaluations)]
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".json.{os.getpid()}.partial")

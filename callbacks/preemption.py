@@ -1,7 +1,10 @@
 """Preemption that loses nothing: checkpoint between two steps, requeue, stop.
 
 SLURM announces the end of a job's time (``#SBATCH --signal=SIGUSR1@90``) or a preemption with a signal
-to every process of the job step. Lightning's own handler saves ``hpc_ckpt_N.ckpt`` from inside the
+to every process of the job step: SIGUSR1 where the job asked for it, SIGTERM where the cluster preempts
+with ``PreemptMode=REQUEUE`` and a ``GraceTime`` (then SIGKILL). Both are handled alike. Lightning's own
+SIGTERM handler would stop the run at the next step without a checkpoint (and broadcast from inside the
+handler); it is replaced once training starts, and a SIGTERM it caught before that is taken over. Lightning's own handler saves ``hpc_ckpt_N.ckpt`` from inside the
 signal handler, wherever each rank happens to be: possibly between the forward pass and the optimiser
 step, and with a barrier that can meet another rank's gradient all-reduce; training then goes on logging
 steps that the resumed run logs again. Here the handler only raises a flag. At the start of a training
@@ -32,6 +35,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from compat import clear_lightning_sigterm, uncount_last_step
+
 __all__ = ["Preemption", "Preempted", "REQUEUED_EXIT_CODE", "NOT_REQUEUED_EXIT_CODE"]
 
 REQUEUED_EXIT_CODE = 0
@@ -43,27 +48,29 @@ class Preempted(SystemExit):
 
 
 class Preemption(Callback):
-    """Checkpoint, requeue and stop when ``signal_name`` arrives (see the module docstring).
+    """Checkpoint, requeue and stop when one of ``signals`` arrives (see the module docstring).
 
     Args:
-        signal_name: the signal that announces the end of the job (``--signal=SIGUSR1@90``).
+        signals: the signals that announce the end of the job (``--signal=SIGUSR1@90``; SIGTERM for
+            preemption by requeue).
         check_every_n_steps: how often the ranks compare notes (one all-reduce of one number, and a
-            device sync). SLURM's warning must cover this many steps plus writing the checkpoint.
+            device sync). SLURM's warning (or GraceTime) must cover this many steps plus writing the checkpoint.
         requeue: on SLURM, requeue the job after the checkpoint is written.
     """
 
-    def __init__(self, signal_name: str = "SIGUSR1", check_every_n_steps: int = 10, requeue: bool = True):
+    def __init__(self, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM"), check_every_n_steps: int = 10,
+                 requeue: bool = True):
         if check_every_n_steps < 1:
             raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}.")
         try:
-            self.signal = signal.Signals[signal_name]
-        except KeyError:
-            raise ValueError(f"Unknown signal {signal_name!r}; use a name such as SIGUSR1 or SIGTERM.") from None
+            self.signals = [signal.Signals[name] for name in signals]
+        except KeyError as err:
+            raise ValueError(f"Unknown signal {err.args[0]!r}; use names such as SIGUSR1 or SIGTERM.") from None
         self.check_every_n_steps = check_every_n_steps
         self.requeue = requeue
         self.signalled = False
         self._stopping = False
-        self._previous_handler = None
+        self._previous_handlers: dict[signal.Signals, object] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -79,15 +86,30 @@ class Preemption(Callback):
         # From here on, not only once training starts: a requeued job spends its first minute restoring the
         # checkpoint and compiling loaders, and a signal then would otherwise kill it unrequeued. A signal
         # that comes before training is acted on at its first step.
-        self._previous_handler = signal.signal(self.signal, self._on_signal)
+        self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in self.signals}
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_over_sigterm(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_over_sigterm(trainer)
+
+    def _take_over_sigterm(self, trainer: L.Trainer) -> None:
+        """Lightning installs its SIGTERM handler just before the sanity check and training (calling ours
+        too): this one alone from here on, and a SIGTERM Lightning recorded becomes ours."""
+        if signal.SIGTERM in self.signals:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            if clear_lightning_sigterm(trainer):
+                self.signalled = True
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # The process's own handler back once fit has ended. Not after an exception (Preempted included):
-        # Lightning then re-installs the handlers it found when training started, this one among them,
-        # which only raises a flag that nothing reads any more.
-        if stage == "fit" and self._previous_handler is not None:
-            signal.signal(self.signal, self._previous_handler)
-            self._previous_handler = None
+        # The process's own handlers back once fit has ended. Not after an exception (Preempted included):
+        # Lightning then re-installs the handlers it found when training started, these among them,
+        # which only raise a flag that nothing reads any more.
+        if stage == "fit":
+            for signum, handler in self._previous_handlers.items():
+                signal.signal(signum, handler)
+            self._previous_handlers = {}
 
     def _on_signal(self, signum, frame) -> None:
         self.signalled = True  # acted on at the next step boundary, by every rank at once
@@ -114,10 +136,7 @@ class Preemption(Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if self._stopping:
-            # Lightning's restart adds one to this counter (of optimiser steps, the TensorBoard x-axis),
-            # assuming a checkpoint written at the end of a step, before it is counted; ours is written at
-            # the start of the next, after it is counted.
-            checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+            uncount_last_step(checkpoint)  # written at the start of a step, not at the end of one
 
     @staticmethod
     def checkpoint_path(trainer: L.Trainer) -> str:

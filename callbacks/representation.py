@@ -25,7 +25,7 @@ import torch
 
 from measurements import ClassSeparation, NeuralCollapseStats, NonzeroFraction, calibration_statistics, neural_collapse_statistics
 
-from .measurement import MeasurementCallback, forward_pass, gather_rows
+from .measurement import MeasurementCallback, forward_pass, gather_rows, require_finite
 
 __all__ = ["RepresentationMeasurements", "balanced_subset"]
 
@@ -93,7 +93,8 @@ class RepresentationMeasurements(MeasurementCallback):
                 separation["train"] = train.class_separation()
             if self.neural_collapse:
                 weights = module.objective.class_weights(module.eval_network.head)
-                stats = neural_collapse_statistics(*train.collapse.sufficient_statistics(), weights)
+                sums = [require_finite(t, "The training subset's penultimate features") for t in train.collapse.sufficient_statistics()]
+                stats = neural_collapse_statistics(*sums, weights)
                 scalars.update({f"neural_collapse/{k}": v for k, v in stats.items()})
 
         nonzero: dict[str, float] = {}
@@ -187,7 +188,8 @@ class _Pass:
 
     def gathered_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
         logits, labels = torch.cat(self._logits), torch.cat(self._labels)
-        return gather_rows(self.module, logits).cpu(), gather_rows(self.module, labels).cpu()
+        num_samples = len(self.module.trainer.datamodule.labels("val"))
+        return tuple(rows.cpu() for rows in gather_rows(self.module, num_samples, logits, labels))
 
 
 def _by_layer_figure(series: dict[str, dict[str, float]], ylabel: str):

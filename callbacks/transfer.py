@@ -90,8 +90,8 @@ class TransferProbes(MeasurementCallback):
     def measure(self, trainer: L.Trainer, module: L.LightningModule):
         scalars: dict[str, float] = {}
         for name, spec in self._datasets(trainer).items():
-            train_x, train_y = penultimate_features(trainer, module, self.loader(trainer, spec.train))
-            test_x, test_y = penultimate_features(trainer, module, self.loader(trainer, spec.test))
+            train_x, train_y = penultimate_features(trainer, module, self.loader(trainer, spec.train), spec.train)
+            test_x, test_y = penultimate_features(trainer, module, self.loader(trainer, spec.test), spec.test)
             if not trainer.is_global_zero:  # every process extracted its shard; one fits the probes
                 continue
             measure = spec.score_measure()
@@ -106,12 +106,13 @@ class TransferProbes(MeasurementCallback):
         return scalars, {}
 
 
-def penultimate_features(trainer: L.Trainer, module: L.LightningModule, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate features (float32) and labels of every image ``loader`` gives, gathered from every process."""
+def penultimate_features(trainer: L.Trainer, module: L.LightningModule, loader, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penultimate features (float32) and labels of every image of ``source`` that ``loader`` gives, gathered
+    from every process, in sample order."""
     data, network = trainer.datamodule, module.eval_network
     features, labels = [], []
     for batch in loader:
         images, y = data.on_after_batch_transfer(module.transfer_batch_to_device(batch, module.device, 0), 0)
         features.append(forward_pass(trainer, network, images).float())
         labels.append(y)
-    return gather_rows(module, torch.cat(features)), gather_rows(module, torch.cat(labels))
+    return gather_rows(module, len(data.labels(source)), torch.cat(features), torch.cat(labels))

@@ -216,7 +216,7 @@ class ObjectiveClassifier(L.LightningModule):
             self.ema.apply_update_(self.network, ema_decay_at(self.global_step - 1, hp.ema_decay, hp.ema_warmup, ratio))
             self._ema_updated_at = self.global_step
         if self.global_step % self.trainer.log_every_n_steps == 0:
-            self._raise_if_nonfinite()
+            self.raise_if_nonfinite()
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -269,7 +269,7 @@ class ObjectiveClassifier(L.LightningModule):
         first_seen = (~torch.isfinite(loss.detach())) & (self.first_nonfinite_step < 0)
         self.first_nonfinite_step = torch.where(first_seen, self.global_step, self.first_nonfinite_step)
 
-    def _raise_if_nonfinite(self) -> None:
+    def raise_if_nonfinite(self) -> None:
         flag = self.first_nonfinite_step.to(self.device).float()
         flag = torch.where(flag < 0, torch.full_like(flag, math.inf), flag)
         step = self.trainer.strategy.reduce(flag, reduce_op="min")  # every rank agrees, so all stop
@@ -282,7 +282,7 @@ class ObjectiveClassifier(L.LightningModule):
             )
 
     def on_train_epoch_end(self) -> None:
-        self._raise_if_nonfinite()
+        self.raise_if_nonfinite()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self._raise_if_nonfinite()
+        self.raise_if_nonfinite()

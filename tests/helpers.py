@@ -93,20 +93,37 @@ class RecordBatches(L.Callback):
 
 class SignalAt(L.Callback):
     """Sends ``signum`` to this process once, when training reaches ``step`` (a preemption warning); with
-    ``step=None``, before training starts (while a requeued job restores its checkpoint and builds loaders)."""
+    ``step="fit_start"``, while a requeued job restores its checkpoint and builds loaders; with
+    ``"train_start"``, once Lightning's own signal handlers are installed (put this callback first to send it
+    before the other callbacks' ``on_train_start``)."""
 
-    def __init__(self, step: int | None, signum: int):
+    def __init__(self, step: int | str, signum: int):
         self.step, self.signum, self.sent = step, signum, False
 
     def on_fit_start(self, trainer, pl_module):
-        if self.step is None:
+        if self.step == "fit_start":
+            self._send()
+
+    def on_train_start(self, trainer, pl_module):
+        if self.step == "train_start":
             self._send()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.step is not None and trainer.global_step >= self.step:
+        if isinstance(self.step, int) and trainer.global_step >= self.step:
             self._send()
 
     def _send(self):
         if not self.sent:
             self.sent = True
             os.kill(os.getpid(), self.signum)
+
+
+class NanOnRank(L.Callback):
+    """Makes the training loss non-finite on one rank only, at one step: that rank's images become NaN."""
+
+    def __init__(self, rank: int, step: int):
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            batch[0].fill_(float("nan"))

@@ -130,3 +130,40 @@ def test_under_bf16_autocast_the_probes_see_bf16_features_and_compute_in_float32
     assert logged["probe/texture/linear_l2"] == pytest.approx(linear.l2)
     assert logged["probe/texture/knn_acc"] == pytest.approx(knn.accuracy, abs=1e-6)
     assert logged["probe/texture/knn_k"] == knn.k
+
+
+def test_a_failing_measurement_is_recorded_and_the_run_goes_on(tmp_path, shapes_root, monkeypatch):
+    import callbacks.representation as representation
+
+    real = representation.forward_pass
+    # The representation pass sees diverged features; the probes (their own forward pass) do not.
+    monkeypatch.setattr(representation, "forward_pass", lambda *args: real(*args) * float("inf"))
+    run = fit(tmp_path, shapes_root, "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2", epochs=2)
+    assert run.trainer.current_epoch == 2  # both epochs trained, each checkpointed
+    folder = Path(run.trainer.log_dir)
+    assert {p.name for p in (folder / "checkpoints").iterdir()} >= {"last.ckpt", "epoch001.ckpt"}
+    (evaluation,) = json.loads((folder / "measurements.json").read_text())["evaluations"]
+    error = evaluation["errors"]["RepresentationMeasurements"]
+    assert error.startswith("DivergedWeights") and "weights have diverged" in error and "model.lr_per_256" in error
+    assert "linalg" not in error
+    assert "probe/texture/linear_acc" in evaluation["measurements"]  # the other measurement went on
+
+
+def test_measurements_of_another_config_are_set_aside_not_merged(tmp_path):
+    from callbacks.measurement import record
+    from callbacks.run_config import fingerprint
+
+    def recorded(lr, step):
+        (tmp_path / "config.yaml").write_text(f"model:\n  lr_per_256: {lr}\n")
+        trainer = SimpleNamespace(global_step=step, current_epoch=0, loggers=[], logger=SimpleNamespace(log_dir=str(tmp_path)))
+        record(trainer, SimpleNamespace(hparams={"lr_per_256": lr}), {"acc": lr}, {})
+        return json.loads((tmp_path / "measurements.json").read_text())
+
+    recorded(0.1, 10)
+    first = recorded(0.1, 20)
+    assert [e["step"] for e in first["evaluations"]] == [10, 20]
+    assert first["fingerprint"] == fingerprint({"model": {"lr_per_256": 0.1}}) == first["evaluations"][0]["fingerprint"]
+    second = recorded(0.2, 10)  # another config in the same folder: its own file, the first one kept beside it
+    assert [e["measurements"]["acc"] for e in second["evaluations"]] == [0.2]
+    kept = json.loads((tmp_path / f"measurements.{first['fingerprint']}.json").read_text())
+    assert kept["evaluations"] == first["evaluations"]

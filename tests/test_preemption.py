@@ -13,10 +13,11 @@ from .test_training import DETERMINISTIC_AUGMENTATION, assert_same_end, fit
 
 
 @pytest.fixture(autouse=True)
-def default_sigusr1():
-    """A fit ended by an exception (Preempted among them) leaves Preemption's inert handler installed."""
+def default_handlers():
+    """A fit ended by an exception (Preempted among them) leaves Preemption's inert handlers installed."""
     yield
     signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def test_preempted_mid_epoch_resumes_at_the_same_step_with_the_same_data(tmp_path, shapes_root):
@@ -49,11 +50,14 @@ def test_preempted_mid_epoch_resumes_at_the_same_step_with_the_same_data(tmp_pat
         torch.testing.assert_close(torch.tensor([v for _, v in ours[tag]]), torch.tensor([v for _, v in reference[tag]]), rtol=1e-4, atol=1e-5)
 
 
-def test_a_signal_before_training_starts_is_acted_on_at_the_first_step(tmp_path, shapes_root):
+# SIGUSR1 while the job restores and builds loaders; SIGTERM (preemption by requeue) once Lightning's own
+# SIGTERM handler, which would stop the run without a checkpoint, is installed.
+@pytest.mark.parametrize("signum, when", [(signal.SIGUSR1, "fit_start"), (signal.SIGTERM, "train_start")])
+def test_a_signal_before_training_starts_is_acted_on_at_the_first_step(tmp_path, shapes_root, signum, when):
     received_by_the_process = []  # stands in for the default action (ending the process) if Preemption missed it
-    signal.signal(signal.SIGUSR1, lambda *_: received_by_the_process.append(True))
+    signal.signal(signum, lambda *_: received_by_the_process.append(True))
     run = fit(tmp_path, shapes_root, epochs=1, run=False)
-    run.trainer.callbacks.append(SignalAt(None, signal.SIGUSR1))
+    run.trainer.callbacks.insert(0, SignalAt(when, signum))
     with pytest.raises(Preempted):
         run.trainer.fit(run.model, datamodule=run.datamodule)
     assert not received_by_the_process and run.trainer.global_step == 0
@@ -65,11 +69,12 @@ def test_a_signal_before_training_starts_is_acted_on_at_the_first_step(tmp_path,
 def test_without_a_signal_nothing_is_checkpointed_early(tmp_path, shapes_root):
     run = fit(tmp_path, shapes_root, epochs=1, run=False)
     run.trainer.fit(run.model, datamodule=run.datamodule)
-    assert run.trainer.global_step == 16 and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    assert run.trainer.global_step == 16
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="SIGNOPE"):
-        Preemption(signal_name="SIGNOPE")
+        Preemption(signals=("SIGUSR1", "SIGNOPE"))
     with pytest.raises(ValueError, match="check_every_n_steps"):
         Preemption(check_every_n_steps=0)

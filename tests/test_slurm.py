@@ -80,15 +80,16 @@ def test_quickstart_as_a_two_process_ddp_job(cluster, tmp_path, shapes_root):
 
 
 # Python requeues the job itself; or, where it cannot reach scontrol (as in a container), it exits with 75
-# and the batch script requeues.
-@pytest.mark.parametrize("where", ["python", "batch script"])
-def test_preemption_checkpoints_requeues_and_resumes_into_one_tensorboard_run(cluster, tmp_path, shapes_root, where):
+# and the batch script requeues. The warning is SIGUSR1 to the tasks (--signal=SIGUSR1@90), or SIGTERM to
+# the batch shell and everything it runs (preemption by requeue), which the batch shell must outlive.
+@pytest.mark.parametrize("where, warning", [("python", ["--signal=USR1"]), ("batch script", ["--full", "--signal=TERM"])])
+def test_preemption_checkpoints_requeues_and_resumes_into_one_tensorboard_run(cluster, tmp_path, shapes_root, where, warning):
     run_dir = tmp_path / "run"
     python = sys.executable if where == "python" else f"env PATH={Path(sys.executable).parent} {sys.executable}"
     job = submit(cluster, run_dir, shapes_root, "--ntasks-per-node=2", epochs=4, python=python)
     version = run_dir / "softmax" / "seed0"
     wait_for_file(version / "checkpoints" / "epoch000.ckpt", cluster, job)
-    cluster.scancel("--signal=USR1", str(job))  # as `--signal=SIGUSR1@90` does: to the job step's tasks
+    cluster.scancel(*warning, str(job))
 
     info = finished(cluster, job, run_dir, timeout=600)
     log = output(run_dir)

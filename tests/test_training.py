@@ -1,6 +1,7 @@
 """End-to-end training through LightningCLI on the embedded shapes data, on the CPU."""
 
 import hashlib
+import json
 import math
 import subprocess
 import sys
@@ -132,7 +133,8 @@ def test_accumulation_and_max_steps_follow_the_global_batch_and_the_epoch(tmp_pa
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, shapes_root, monkeypatch):
-    args = ["--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0", "--trainer.log_every_n_steps=1"]
+    # Checked at the end of the epoch only (log_every_n_steps > steps): before any measurement of broken weights.
+    args = ["--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0", "--trainer.log_every_n_steps=50"]
     fit(tmp_path, shapes_root, *args)
     last = next(tmp_path.rglob("last.ckpt"))
     before = hashlib.sha256(last.read_bytes()).hexdigest()
@@ -209,6 +211,43 @@ def test_ddp_on_two_cpu_processes_sees_disjoint_data_and_ends_with_identical_wei
     loss = sum(r["val_loss_sum"] for r in ranks) / n_val
     assert logged["val/acc1"][-1][1] == pytest.approx(acc1, abs=1e-6)
     assert logged["val/loss"][-1][1] == pytest.approx(loss, rel=1e-4)
+
+
+def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    """``cli.py`` on ``processes`` gloo processes; torchrun, unlike Lightning's own launcher, fails when any rank fails."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                           "-m", "tests.cli_entry", *args, "--trainer.devices=2", "--trainer.strategy=ddp"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def quickstart_args(tmp_path: Path, shapes_root: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", str(REPO / "configs" / "quickstart.yaml"), f"--data.init_args.root={shapes_root}",
+            f"--trainer.default_root_dir={tmp_path}", *TINY, *extra]
+
+
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank_at_its_step(tmp_path, shapes_root):
+    # The flag is not a buffer, which DDP would broadcast from rank 0 over rank 1's at the next forward pass.
+    done = torchrun(*quickstart_args(tmp_path, shapes_root, "--trainer.max_epochs=1", "--trainer.log_every_n_steps=4",
+                                     "--trainer.callbacks+=tests.helpers.NanOnRank", "--trainer.callbacks.rank=1",
+                                     "--trainer.callbacks.step=2"))
+    assert done.returncode != 0
+    assert "Training loss became non-finite at step 2 " in done.stderr, done.stderr[-3000:]
+
+
+def test_measurements_do_not_depend_on_the_number_of_processes(tmp_path, shapes_root):
+    # No training (max_steps=0): both measure the initial weights, the probes' split and calibration's halves included.
+    args = quickstart_args(tmp_path / "two", shapes_root, "--trainer.max_steps=0")
+    done = torchrun(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cli.main(quickstart_args(tmp_path / "one", shapes_root, "--trainer.max_steps=0"))
+    one, two = (json.loads((tmp_path / n / "softmax" / "seed0" / "measurements.json").read_text())["evaluations"][0]["measurements"]
+                for n in ("one", "two"))
+    assert set(one) == set(two)
+    for tag in ("probe/texture/linear_l2", "probe/texture/knn_k"):
+        assert one[tag] == two[tag], tag
+    for tag in ("probe/texture/linear_acc", "probe/texture/knn_acc", "calibration/ece", "calibration/ece_tempscaled",
+                "calibration/temperature", "class_separation/val/penultimate"):
+        assert one[tag] == pytest.approx(two[tag], abs=1e-5), tag
 
 
 IMAGENET_EXPERIMENTS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs" / "imagenet").rglob("*.yaml")
