@@ -9,13 +9,13 @@ from typing import Optional
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from jsonargparse import lazy_instance
 
 from callbacks import Preemption
+from callbacks.checkpoints import RunCheckpoints
 from callbacks.preemption import Preempted
 from callbacks.run_config import RunConfig, name_run
 from datamodules import ImageClassificationData
@@ -25,6 +25,8 @@ from lightning_modules.atomic_checkpoint import AtomicCheckpointIO
 
 class TransferStudyCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
+        # `checkpoints:` in a config: last.ckpt always, plus the epochs later analyses need (callbacks/checkpoints.py).
+        parser.add_lightning_class_args(RunCheckpoints, "checkpoints")
         # What only the data knows sets the model: classes, and the global batch (peak lr, EMA decay).
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.global_batch_size", "model.global_batch_size", apply_on="instantiate")
@@ -55,16 +57,13 @@ def default_precision(precision, accelerator, gpu_has_bf16: Optional[bool] = Non
     return "bf16-mixed" if on_gpu else "32-true"
 
 
-# Every run writes TensorBoard logs, keeps a last.ckpt (for --ckpt_path=last and requeued jobs) and
-# checkpoints, requeues and stops on SLURM's SIGUSR1; these callbacks are added to whatever a config lists.
+# Every run writes TensorBoard logs, keeps a last.ckpt (the `checkpoints` arguments) and checkpoints,
+# requeues and stops on SLURM's SIGUSR1 or SIGTERM; these callbacks are added to whatever a config lists.
 def trainer_defaults() -> dict:
     return {
         "benchmark": True,  # cuDNN picks the fastest convolution algorithms for the shapes in use (GPU only)
         "logger": lazy_instance(TensorBoardLogger, save_dir="runs"),
-        "callbacks": [
-            ModelCheckpoint(save_last=True, filename="epoch{epoch:03d}", auto_insert_metric_name=False),
-            Preemption(),
-        ],
+        "callbacks": [Preemption()],
     }
 
 

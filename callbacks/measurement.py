@@ -111,18 +111,18 @@ class MeasurementCallback(Callback):
         self._last_measured_step: Optional[int] = None
         self._last_scalars: dict[str, float] = {}
         self._last_error: Optional[str] = None
-        self._loaders: dict[tuple[int, str], object] = {}
+        self._loaders: dict[tuple, object] = {}
         self._fit_started, self.seconds = time.perf_counter(), 0.0  # time spent measuring, for its share of the fit
 
     def measure(self, trainer: L.Trainer, module: L.LightningModule) -> tuple[dict[str, float], dict[str, object]]:
         raise NotImplementedError
 
-    def loader(self, trainer: L.Trainer, source: str, subset=None):
+    def loader(self, trainer: L.Trainer, source: str, subset=None, crop_ratio: Optional[float] = None):
         """The data module's evaluation loader for ``source``, built once and reused at every measurement
         (an FFCV loader compiles its pipeline when built: seconds that would recur every time)."""
-        key = (id(trainer.datamodule), source)
+        key = (id(trainer.datamodule), source, crop_ratio)
         if key not in self._loaders:
-            self._loaders[key] = trainer.datamodule.evaluation_dataloader(source, subset)
+            self._loaders[key] = trainer.datamodule.evaluation_dataloader(source, subset, crop_ratio)
         return self._loaders[key]
 
     # --- schedule ---

@@ -1,7 +1,8 @@
 """Transfer probes at checkpoints (Kornblith et al. 2021, Tables 1 and 4; appendix A.2).
 
 For each downstream data set: penultimate features of the frozen, evaluated network (the EMA when on)
-on its train and test images, read as validation reads images (resize, centre crop, no augmentation),
+on its train and test images as appendix A.2 reads them: the shorter side resized to the training
+resolution and centre-cropped to it (the whole image; validation's crop keeps the central 87.5 %),
 then a linear probe (L2-regularised logistic regression, strength chosen on a split held out from
 train, refit on all of train) and a kNN probe (cosine similarity, k by leave-one-out on train), each
 scored in the data set's own measure (top-1, or mean per-class accuracy for Pets and Flowers) as
@@ -25,6 +26,8 @@ from .measurement import MeasurementCallback, forward_pass, gather_rows
 
 __all__ = ["TransferProbes", "TransferData"]
 
+MEASURES = ("top1", "mean_per_class")
+
 
 @dataclass
 class TransferData:
@@ -34,7 +37,9 @@ class TransferData:
     Args:
         train: training images of the probe.
         test: test images of the probe.
-        measure: "top1" or "mean_per_class"; by default the one recorded in ``<train>.json``, else top-1.
+        measure: "top1" or "mean_per_class" (Table A.2: mean per class for Pets, Flowers, Caltech-101,
+            Aircraft); by default the one recorded in ``<train>.json``, the sidecar ``datamodules.convert``
+            writes. A data set with neither is refused rather than scored top-1 by default.
     """
 
     train: str
@@ -42,10 +47,19 @@ class TransferData:
     measure: Optional[str] = None
 
     def score_measure(self) -> str:
-        if self.measure is not None:
-            return self.measure
         sidecar = Path(f"{self.train}.json")
-        return json.loads(sidecar.read_text()).get("measure", "top1") if sidecar.is_file() else "top1"
+        measure = self.measure
+        if measure is None and sidecar.is_file():
+            measure = json.loads(sidecar.read_text()).get("measure")
+        if measure is None:
+            raise ValueError(
+                f"No accuracy measure is known for the transfer data {self.train}: it has no sidecar {sidecar.name} "
+                f"naming one (python -m datamodules.convert writes it). Name it: measure: top1 (CIFAR, Food-101, "
+                f"Cars, DTD, SUN397, Birdsnap) or measure: mean_per_class (Pets, Flowers, Caltech-101, Aircraft)."
+            )
+        if measure not in MEASURES:
+            raise ValueError(f"measure must be one of {MEASURES} for {self.train}, got {measure!r}.")
+        return measure
 
 
 class TransferProbes(MeasurementCallback):
@@ -58,6 +72,8 @@ class TransferProbes(MeasurementCallback):
         every_n_epochs: probe after every this many training epochs (and at the end of fit).
         linear: run the linear probe (45 strengths, appendix A.2).
         knn: run the kNN probe.
+        crop_ratio: fraction of each image's shorter side in its centre crop. Appendix A.2: 1.0, the whole
+            shorter side resized to the training resolution.
     """
 
     def __init__(
@@ -66,8 +82,12 @@ class TransferProbes(MeasurementCallback):
         every_n_epochs: int = 1,
         linear: bool = True,
         knn: bool = True,
+        crop_ratio: float = 1.0,
     ):
         super().__init__(every_n_epochs)
+        if not 0.0 < crop_ratio <= 1.0:
+            raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio} (appendix A.2: 1.0).")
+        self.crop_ratio = crop_ratio
         self.datasets = {name: d if isinstance(d, TransferData) else TransferData(**d) for name, d in (datasets or {}).items()}
         self.linear = linear
         self.knn = knn
@@ -85,13 +105,13 @@ class TransferProbes(MeasurementCallback):
         super().on_fit_start(trainer, module)
         # A missing or unreadable file stops the run now, with how to make it, not after the last epoch.
         for spec in self._datasets(trainer).values():
-            trainer.datamodule.labels(spec.train), trainer.datamodule.labels(spec.test)
+            trainer.datamodule.labels(spec.train), trainer.datamodule.labels(spec.test), spec.score_measure()
 
     def measure(self, trainer: L.Trainer, module: L.LightningModule):
         scalars: dict[str, float] = {}
         for name, spec in self._datasets(trainer).items():
-            train_x, train_y = penultimate_features(trainer, module, self.loader(trainer, spec.train), spec.train)
-            test_x, test_y = penultimate_features(trainer, module, self.loader(trainer, spec.test), spec.test)
+            train_x, train_y = self.features(trainer, module, spec.train)
+            test_x, test_y = self.features(trainer, module, spec.test)
             if not trainer.is_global_zero:  # every process extracted its shard; one fits the probes
                 continue
             measure = spec.score_measure()
@@ -106,13 +126,13 @@ class TransferProbes(MeasurementCallback):
         return scalars, {}
 
 
-def penultimate_features(trainer: L.Trainer, module: L.LightningModule, loader, source: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate features (float32) and labels of every image of ``source`` that ``loader`` gives, gathered
-    from every process, in sample order."""
-    data, network = trainer.datamodule, module.eval_network
-    features, labels = [], []
-    for batch in loader:
-        images, y = data.on_after_batch_transfer(module.transfer_batch_to_device(batch, module.device, 0), 0)
-        features.append(forward_pass(trainer, network, images).float())
-        labels.append(y)
-    return gather_rows(module, len(data.labels(source)), torch.cat(features), torch.cat(labels))
+    def features(self, trainer: L.Trainer, module: L.LightningModule, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Penultimate features (float32) and labels of every image of ``source``, gathered from every
+        process, in sample order."""
+        data, network = trainer.datamodule, module.eval_network
+        features, labels = [], []
+        for batch in self.loader(trainer, source, crop_ratio=self.crop_ratio):
+            images, y = data.on_after_batch_transfer(module.transfer_batch_to_device(batch, module.device, 0), 0)
+            features.append(forward_pass(trainer, network, images).float())
+            labels.append(y)
+        return gather_rows(module, len(data.labels(source)), torch.cat(features), torch.cat(labels))

@@ -64,7 +64,8 @@ class FFCVImageDataModule(ImageClassificationData):
     def labels(self, source: str) -> np.ndarray:
         return beton_labels(self._path(source), self.make_hint)
 
-    def _loader(self, source: str, train: bool, subset: Optional[np.ndarray] = None) -> EpochAlignedLoader:
+    def _loader(self, source: str, train: bool, subset: Optional[np.ndarray] = None,
+                crop_ratio: Optional[float] = None) -> EpochAlignedLoader:
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
@@ -76,7 +77,7 @@ class FFCVImageDataModule(ImageClassificationData):
             decoder = SeededRandomResizedCrop(size, scale=self.crop_scale, ratio=self.crop_ratio, seed=self.seed)
             decode = [decoder, SeededHorizontalFlip(self.seed)] if self.flip else [decoder]
         else:
-            decode = [CenterCropRGBImageDecoder(size, ratio=self.image_size / self.val_resize)]
+            decode = [CenterCropRGBImageDecoder(size, ratio=crop_ratio or self.image_size / self.val_resize)]
         on_gpu = self.device.type == "cuda"
         to_device = [ToDevice(self.device, non_blocking=True)] if on_gpu else []
         image = [*decode, ToTensor(), *to_device, ToTorchImage(channels_last=on_gpu)]
@@ -116,5 +117,6 @@ class FFCVImageDataModule(ImageClassificationData):
     def test_dataloader(self):
         return self._loader("val", train=False)
 
-    def evaluation_dataloader(self, source: str, subset: Optional[np.ndarray] = None) -> EpochAlignedLoader:
-        return self._loader(source, train=False, subset=subset)
+    def evaluation_dataloader(self, source: str, subset: Optional[np.ndarray] = None,
+                              crop_ratio: Optional[float] = None) -> EpochAlignedLoader:
+        return self._loader(source, train=False, subset=subset, crop_ratio=crop_ratio)

@@ -95,14 +95,16 @@ class ImageFolderDataModule(ImageClassificationData):
     def labels(self, split: str) -> np.ndarray:
         return self.split(split).labels
 
-    def _loader(self, source: str, train: bool, subset: Optional[np.ndarray] = None) -> EpochAlignedLoader:
+    def _loader(self, source: str, train: bool, subset: Optional[np.ndarray] = None,
+                crop_ratio: Optional[float] = None) -> EpochAlignedLoader:
         from torchvision.transforms import v2
 
         if train:
             crop = v2.RandomResizedCrop(self.image_size, scale=self.crop_scale, ratio=self.crop_ratio, antialias=True)
             steps = [crop, v2.RandomHorizontalFlip()] if self.flip else [crop]
         else:
-            steps = [v2.Resize(self.val_resize, antialias=True), v2.CenterCrop(self.image_size)]
+            resize = round(self.image_size / crop_ratio) if crop_ratio else self.val_resize
+            steps = [v2.Resize(resize, antialias=True), v2.CenterCrop(self.image_size)]
         split = self.split(source)
         subset = np.arange(len(split)) if subset is None else np.asarray(subset)
         sampler = _ShardSampler(lambda epoch: subset[self.shard(len(subset), train, epoch)])
@@ -134,8 +136,9 @@ class ImageFolderDataModule(ImageClassificationData):
     def test_dataloader(self):
         return self._loader("val", train=False)
 
-    def evaluation_dataloader(self, source: str, subset: Optional[np.ndarray] = None) -> EpochAlignedLoader:
-        return self._loader(source, train=False, subset=subset)
+    def evaluation_dataloader(self, source: str, subset: Optional[np.ndarray] = None,
+                              crop_ratio: Optional[float] = None) -> EpochAlignedLoader:
+        return self._loader(source, train=False, subset=subset, crop_ratio=crop_ratio)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels, skipped = batch

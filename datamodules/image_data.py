@@ -162,10 +162,13 @@ class ImageClassificationData(L.LightningDataModule):
         (transfer probes use them when a config names none)."""
         return {}
 
-    def evaluation_dataloader(self, source: str, subset: Optional[np.ndarray] = None) -> Iterable:
-        """Batches of ``source`` (as in ``labels``) as validation sees them: resize, centre crop, no
-        augmentation. Only the samples ``subset`` (all by default); each is read by exactly one process.
-        Measurements use it for fixed training subsets and for transfer data sets."""
+    def evaluation_dataloader(self, source: str, subset: Optional[np.ndarray] = None,
+                              crop_ratio: Optional[float] = None) -> Iterable:
+        """Batches of ``source`` (as in ``labels``) without augmentation: a centre crop of ``crop_ratio`` of
+        the shorter side resized to ``image_size`` (by default validation's, ``image_size / val_resize``;
+        1.0 keeps the whole shorter side, as transfer probes do, appendix A.2). Only the samples ``subset``
+        (all by default); each is read by exactly one process. Measurements use it for fixed training
+        subsets and for transfer data sets."""
         raise NotImplementedError
 
     # --- shared ---

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -138,10 +139,11 @@ def test_a_failing_measurement_is_recorded_and_the_run_goes_on(tmp_path, shapes_
     real = representation.forward_pass
     # The representation pass sees diverged features; the probes (their own forward pass) do not.
     monkeypatch.setattr(representation, "forward_pass", lambda *args: real(*args) * float("inf"))
-    run = fit(tmp_path, shapes_root, "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2", epochs=2)
-    assert run.trainer.current_epoch == 2  # both epochs trained, each checkpointed
+    run = fit(tmp_path, shapes_root, "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2",
+              "--checkpoints.epochs=[2]", epochs=2)
+    assert run.trainer.current_epoch == 2  # both epochs trained
     folder = Path(run.trainer.log_dir)
-    assert {p.name for p in (folder / "checkpoints").iterdir()} >= {"last.ckpt", "epoch001.ckpt"}
+    assert {p.name for p in (folder / "checkpoints").iterdir()} == {"last.ckpt", "epoch002.ckpt"}
     (evaluation,) = json.loads((folder / "measurements.json").read_text())["evaluations"]
     error = evaluation["errors"]["RepresentationMeasurements"]
     assert error.startswith("DivergedWeights") and "weights have diverged" in error and "model.lr_per_256" in error
@@ -167,3 +169,34 @@ def test_measurements_of_another_config_are_set_aside_not_merged(tmp_path):
     assert [e["measurements"]["acc"] for e in second["evaluations"]] == [0.2]
     kept = json.loads((tmp_path / f"measurements.{first['fingerprint']}.json").read_text())
     assert kept["evaluations"] == first["evaluations"]
+
+
+def test_probe_features_keep_the_whole_image_as_appendix_a2(tmp_path):
+    from lightning.pytorch.plugins.precision import Precision
+
+    from datamodules.shapes import render_shapes
+
+    beton = write_indexed_beton(tmp_path / "d.beton", 8)  # 32 px images
+    stored, _ = render_shapes(8, np.random.default_rng(0), 32)  # what write_indexed_beton wrote
+    data = ffcv_datamodule(beton, val_resize=40)  # validation: the central 80 %, resized to 32
+    data.setup("fit")
+    trainer = SimpleNamespace(datamodule=data, precision_plugin=Precision(), world_size=1)
+    module = SimpleNamespace(eval_network=torch.nn.Flatten(), device=torch.device("cpu"), trainer=trainer,
+                             transfer_batch_to_device=lambda batch, device, index: batch)
+    expected = data.on_after_batch_transfer((torch.from_numpy(stored).permute(0, 3, 1, 2).contiguous(), torch.zeros(8)), 0)[0]
+    features, _ = TransferProbes().features(trainer, module, str(beton))
+    torch.testing.assert_close(features, expected.flatten(1), rtol=0, atol=1e-5)  # every pixel, none resampled
+    cropped, _ = TransferProbes(crop_ratio=0.8).features(trainer, module, str(beton))
+    assert (cropped - expected.flatten(1)).abs().mean() > 0.1
+    with pytest.raises(ValueError, match="crop_ratio must be in"):
+        TransferProbes(crop_ratio=1.2)
+
+
+def test_a_transfer_set_without_a_known_measure_is_refused(tmp_path):
+    beton = write_indexed_beton(tmp_path / "pets_train.beton", 8)
+    Path(f"{beton}.json").unlink()  # e.g. converted by other tools
+    with pytest.raises(ValueError, match=r"No accuracy measure .* measure: mean_per_class \(Pets"):
+        TransferData(str(beton), str(beton)).score_measure()
+    assert TransferData(str(beton), str(beton), measure="mean_per_class").score_measure() == "mean_per_class"
+    with pytest.raises(ValueError, match="measure must be one of"):
+        TransferData(str(beton), str(beton), measure="top5").score_measure()

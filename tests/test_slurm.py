@@ -72,7 +72,7 @@ def test_quickstart_as_a_two_process_ddp_job(cluster, tmp_path, shapes_root):
     log = output(run_dir)
     assert "1 node(s) x 2 process(es)" in log and "Traceback" not in log
     version = run_dir / "softmax" / "seed0"
-    assert {p.name for p in (version / "checkpoints").iterdir()} == {"last.ckpt", "epoch000.ckpt"}
+    assert {p.name for p in (version / "checkpoints").iterdir()} == {"last.ckpt"}
     logged = scalars(version)
     # 1024 images at a global batch of 64 over 2 processes: 16 steps, logged every 10
     assert [step for step, _ in logged["train/loss"]] == [9] and [step for step, _ in logged["val/acc1"]] == [15]
@@ -81,15 +81,17 @@ def test_quickstart_as_a_two_process_ddp_job(cluster, tmp_path, shapes_root):
 
 # Python requeues the job itself; or, where it cannot reach scontrol (as in a container), it exits with 75
 # and the batch script requeues. The warning is SIGUSR1 to the tasks (--signal=SIGUSR1@90), or SIGTERM to
-# the batch shell and everything it runs (preemption by requeue), which the batch shell must outlive.
-@pytest.mark.parametrize("where, warning", [("python", ["--signal=USR1"]), ("batch script", ["--full", "--signal=TERM"])])
+# the batch shell, which must outlive it, and to the tasks (preemption by requeue with a GraceTime).
+@pytest.mark.parametrize("where, warning", [("python", [["--signal=USR1"]]),
+                                            ("batch script", [["--batch", "--signal=TERM"], ["--signal=TERM"]])])
 def test_preemption_checkpoints_requeues_and_resumes_into_one_tensorboard_run(cluster, tmp_path, shapes_root, where, warning):
     run_dir = tmp_path / "run"
     python = sys.executable if where == "python" else f"env PATH={Path(sys.executable).parent} {sys.executable}"
     job = submit(cluster, run_dir, shapes_root, "--ntasks-per-node=2", epochs=4, python=python)
     version = run_dir / "softmax" / "seed0"
-    wait_for_file(version / "checkpoints" / "epoch000.ckpt", cluster, job)
-    cluster.scancel(*warning, str(job))
+    wait_for_file(version / "checkpoints" / "last.ckpt", cluster, job)
+    for flags in warning:
+        cluster.scancel(*flags, str(job))
 
     info = finished(cluster, job, run_dir, timeout=600)
     log = output(run_dir)
@@ -109,7 +111,7 @@ def test_preemption_checkpoints_requeues_and_resumes_into_one_tensorboard_run(cl
 def test_a_rank_that_dies_fails_the_job_within_a_bounded_time(cluster, tmp_path, shapes_root):
     run_dir = tmp_path / "run"
     job = submit(cluster, run_dir, shapes_root, "--ntasks-per-node=2", epochs=20)
-    wait_for_file(run_dir / "softmax" / "seed0" / "checkpoints" / "epoch000.ckpt", cluster, job)
+    wait_for_file(run_dir / "softmax" / "seed0" / "checkpoints" / "last.ckpt", cluster, job)
     ranks = training_processes(run_dir)
     assert len(ranks) == 2
     os.kill(ranks[1], signal.SIGKILL)

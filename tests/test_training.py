@@ -49,7 +49,8 @@ def fit(tmp_path: Path, shapes_root: Path, *extra: str, epochs: int = 1, run: bo
 
 
 def test_quickstart_trains_and_the_loss_falls(tmp_path, shapes_root):
-    run = fit(tmp_path, shapes_root, "--trainer.log_every_n_steps=2", epochs=3)
+    run = fit(tmp_path, shapes_root, "--trainer.log_every_n_steps=2", "--checkpoints.epochs=[0, 3]",
+              "--checkpoints.every_n_epochs=2", epochs=3)
     log_dir = Path(run.trainer.logger.log_dir)
     logged = scalars(log_dir)
     for tag in ("train/loss", "train/acc1", "val/loss", "val/acc1", "val/acc5", "lr"):
@@ -58,7 +59,18 @@ def test_quickstart_trains_and_the_loss_falls(tmp_path, shapes_root):
     assert sum(losses[-4:]) / 4 < 0.9 * sum(losses[:4]) / 4, losses
     assert logged["val/acc1"][-1][1] > 2 / 60  # above chance (1/60), though the EMA lags on so short a run
     assert (log_dir / "config.yaml").is_file()  # the run's full config, to reproduce it
-    assert (log_dir / "checkpoints" / "last.ckpt").is_file()
+
+    # Kept: the initial weights, every 2 epochs, the last; weights-only, with the EMA that was evaluated.
+    folder = log_dir / "checkpoints"
+    assert {p.name for p in folder.iterdir()} == {"last.ckpt", "epoch000.ckpt", "epoch002.ckpt", "epoch003.ckpt"}
+    final = torch.load(folder / "epoch003.ckpt", weights_only=False)
+    assert "optimizer_states" not in final and "optimizer_states" in torch.load(folder / "last.ckpt", weights_only=False)
+    ema = {k.removeprefix("ema."): v for k, v in final["state_dict"].items() if k.startswith("ema.")}
+    torch.testing.assert_close(ema, run.model.ema.state_dict(), rtol=0, atol=0)
+    initial = torch.load(folder / "epoch000.ckpt", weights_only=False)["state_dict"]
+    untrained = fit(tmp_path / "untrained", shapes_root, run=False).model  # the same seed's initialisation
+    torch.testing.assert_close({k: initial[f"network.{k}"] for k in untrained.network.state_dict()},
+                               untrained.network.state_dict(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", sorted(objective_classes()))

@@ -1,0 +1,53 @@
+"""The checkpoints a run keeps: ``last.ckpt`` to resume from, and the epochs later analyses start from.
+
+``last.ckpt`` is rewritten at the end of every epoch (and by ``Preemption``): weights, EMA, optimiser,
+schedule and data position, for ``--ckpt_path=last``. The kept checkpoints are ``epoch<NNN>.ckpt`` after
+NNN completed epochs (``epoch000.ckpt``: the initial weights, the random initialisation that RI-T
+fine-tuning and loss barriers compare against), each weights-only: the trained network and its EMA, the
+weights validation and the measurements evaluated (``ObjectiveClassifier.eval_network``), with the
+hyper-parameters, loadable by ``cli.py validate --ckpt_path`` and by fine-tuning. Figure D.2 probes every
+6 epochs; the ImageNet configs keep those (``checkpoints.every_n_epochs``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+__all__ = ["RunCheckpoints"]
+
+
+class RunCheckpoints(ModelCheckpoint):
+    """``last.ckpt`` every epoch, plus weights-only ``epoch<NNN>.ckpt`` at chosen numbers of completed epochs.
+
+    Args:
+        epochs: completed epochs to keep (0: the initial weights), e.g. ``[0, 1, 2, 5, 10]``.
+        every_n_epochs: also keep every this many completed epochs (0: none but ``epochs``).
+    """
+
+    def __init__(self, epochs: tuple[int, ...] = (), every_n_epochs: int = 0):
+        if every_n_epochs < 0 or any(e < 0 for e in epochs):
+            raise ValueError(f"checkpoints: epochs and every_n_epochs must be >= 0, got {list(epochs)} and {every_n_epochs}.")
+        super().__init__(save_last=True, save_top_k=0)
+        self.epochs, self.keep_every = sorted(set(epochs)), every_n_epochs
+
+    def keeps(self, completed: int) -> bool:
+        return completed in self.epochs or (self.keep_every > 0 and completed > 0 and completed % self.keep_every == 0)
+
+    def kept_path(self, completed: int) -> Path:
+        return Path(self.dirpath) / f"epoch{completed:03d}{self.FILE_EXTENSION}"
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.global_step == 0 and self.keeps(0):
+            self._keep(trainer, 0)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.keeps(trainer.current_epoch + 1):
+            self._keep(trainer, trainer.current_epoch + 1)
+
+    def _keep(self, trainer: L.Trainer, completed: int) -> None:
+        trainer.save_checkpoint(self.kept_path(completed), weights_only=True)  # every rank; rank 0 writes
