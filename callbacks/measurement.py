@@ -17,6 +17,7 @@ training, the other measurements and the epoch's checkpoint go on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
+import numpy as np
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
@@ -75,15 +77,15 @@ def forward_pass(trainer: L.Trainer, network: torch.nn.Module, images: Tensor) -
         return network(images)
 
 
-def gather_rows(module: L.LightningModule, num_samples: int, *rows: Tensor) -> tuple[Tensor, ...]:
-    """Every process's ``rows`` of one evaluation pass over ``num_samples`` samples (each process holds its
-    own shard, ``datamodule.shard(num_samples, train=False)``, in order), on every process and in sample
-    order: what is drawn from them by position afterwards (the probe's validation split, the calibration
-    halves) is then the same for any number of processes. Checked finite (``require_finite``)."""
-    positions = torch.from_numpy(module.trainer.datamodule.shard(num_samples, train=False)).to(module.device)
+def gather_rows(module: L.LightningModule, positions: np.ndarray, *rows: Tensor) -> tuple[Tensor, ...]:
+    """Every process's ``rows``, one per sample, on every process and in the order of the samples'
+    ``positions`` (this process's, e.g. ``datamodule.shard(n, train=False)``): what is drawn from them by
+    position afterwards (the probe's validation split, the calibration halves) is then the same for any
+    number of processes. Checked finite (``require_finite``)."""
+    positions = torch.as_tensor(np.asarray(positions), device=module.device)
     if any(len(r) != len(positions) for r in rows):
         raise RuntimeError(f"An evaluation pass gave {[len(r) for r in rows]} rows for the {len(positions)} samples "
-                           f"of this process's shard: the loader must keep every sample, in order.")
+                           f"it was given: the loader must keep every sample, in order.")
     if module.trainer.world_size > 1:
         positions = _gather_ragged(module, positions)
         rows = tuple(_gather_ragged(module, r) for r in rows)
@@ -117,12 +119,13 @@ class MeasurementCallback(Callback):
     def measure(self, trainer: L.Trainer, module: L.LightningModule) -> tuple[dict[str, float], dict[str, object]]:
         raise NotImplementedError
 
-    def loader(self, trainer: L.Trainer, source: str, subset=None, crop_ratio: Optional[float] = None):
-        """The data module's evaluation loader for ``source``, built once and reused at every measurement
-        (an FFCV loader compiles its pipeline when built: seconds that would recur every time)."""
-        key = (id(trainer.datamodule), source, crop_ratio)
+    def loader(self, trainer: L.Trainer, source: str, subset=None, crop_ratio: Optional[float] = None, local: bool = False):
+        """The data module's evaluation loader for ``source`` (``evaluation_dataloader``), built once and reused
+        at every measurement (an FFCV loader compiles its pipeline when built: seconds that would recur)."""
+        chosen = None if subset is None else hashlib.sha1(np.ascontiguousarray(subset).tobytes()).hexdigest()
+        key = (id(trainer.datamodule), source, chosen, crop_ratio, local)
         if key not in self._loaders:
-            self._loaders[key] = trainer.datamodule.evaluation_dataloader(source, subset, crop_ratio)
+            self._loaders[key] = trainer.datamodule.evaluation_dataloader(source, subset, crop_ratio, local)
         return self._loaders[key]
 
     # --- schedule ---

@@ -135,4 +135,5 @@ class TransferProbes(MeasurementCallback):
             images, y = data.on_after_batch_transfer(module.transfer_batch_to_device(batch, module.device, 0), 0)
             features.append(forward_pass(trainer, network, images).float())
             labels.append(y)
-        return gather_rows(module, len(data.labels(source)), torch.cat(features), torch.cat(labels))
+        positions = data.shard(len(data.labels(source)), train=False)
+        return gather_rows(module, positions, torch.cat(features), torch.cat(labels))

@@ -65,7 +65,7 @@ class FFCVImageDataModule(ImageClassificationData):
         return beton_labels(self._path(source), self.make_hint)
 
     def _loader(self, source: str, train: bool, subset: Optional[np.ndarray] = None,
-                crop_ratio: Optional[float] = None) -> EpochAlignedLoader:
+                crop_ratio: Optional[float] = None, local: bool = False) -> EpochAlignedLoader:
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
@@ -96,7 +96,7 @@ class FFCVImageDataModule(ImageClassificationData):
             )
         except Exception as err:
             raise BetonError(f"Could not open {path} with FFCV ({type(err).__name__}: {err}). {self.make_hint}") from err
-        order = _EpochShards(lambda epoch: subset[self.shard(len(subset), train, epoch)])
+        order = _EpochShards(lambda epoch: subset if local else subset[self.shard(len(subset), train, epoch)])
         install_ffcv_order(loader, order)
 
         def before_epoch(epoch: int, skip: int) -> None:
@@ -118,5 +118,5 @@ class FFCVImageDataModule(ImageClassificationData):
         return self._loader("val", train=False)
 
     def evaluation_dataloader(self, source: str, subset: Optional[np.ndarray] = None,
-                              crop_ratio: Optional[float] = None) -> EpochAlignedLoader:
-        return self._loader(source, train=False, subset=subset, crop_ratio=crop_ratio)
+                              crop_ratio: Optional[float] = None, local: bool = False) -> EpochAlignedLoader:
+        return self._loader(source, train=False, subset=subset, crop_ratio=crop_ratio, local=local)

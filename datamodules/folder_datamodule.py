@@ -96,7 +96,7 @@ class ImageFolderDataModule(ImageClassificationData):
         return self.split(split).labels
 
     def _loader(self, source: str, train: bool, subset: Optional[np.ndarray] = None,
-                crop_ratio: Optional[float] = None) -> EpochAlignedLoader:
+                crop_ratio: Optional[float] = None, local: bool = False) -> EpochAlignedLoader:
         from torchvision.transforms import v2
 
         if train:
@@ -107,7 +107,7 @@ class ImageFolderDataModule(ImageClassificationData):
             steps = [v2.Resize(resize, antialias=True), v2.CenterCrop(self.image_size)]
         split = self.split(source)
         subset = np.arange(len(split)) if subset is None else np.asarray(subset)
-        sampler = _ShardSampler(lambda epoch: subset[self.shard(len(subset), train, epoch)])
+        sampler = _ShardSampler(lambda epoch: subset if local else subset[self.shard(len(subset), train, epoch)])
         loader = DataLoader(
             _Images(split, v2.Compose([v2.PILToTensor(), *steps]), self.bad_images),
             batch_size=self.batch_size_per_process,
@@ -137,8 +137,8 @@ class ImageFolderDataModule(ImageClassificationData):
         return self._loader("val", train=False)
 
     def evaluation_dataloader(self, source: str, subset: Optional[np.ndarray] = None,
-                              crop_ratio: Optional[float] = None) -> EpochAlignedLoader:
-        return self._loader(source, train=False, subset=subset, crop_ratio=crop_ratio)
+                              crop_ratio: Optional[float] = None, local: bool = False) -> EpochAlignedLoader:
+        return self._loader(source, train=False, subset=subset, crop_ratio=crop_ratio, local=local)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels, skipped = batch

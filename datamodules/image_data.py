@@ -111,6 +111,9 @@ class ImageClassificationData(L.LightningDataModule):
         mean: per-channel mean of uint8 pixels, subtracted on the device.
         std: per-channel standard deviation of uint8 pixels.
         progressive_resolution: optional schedule of the training crop size by epoch.
+        holdout_path: images held out from training in this module's format (``convert imagenet
+            --holdout true`` writes the paper's 50,046); calibration fits its temperature on them
+            (Table C.3), else on half of validation.
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class ImageClassificationData(L.LightningDataModule):
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         progressive_resolution: Optional[ProgressiveResolution] = None,
+        holdout_path: Optional[str] = None,
     ):
         super().__init__()
         if global_batch_size < 1:
@@ -147,6 +151,7 @@ class ImageClassificationData(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = run_seed() if seed is None else seed
         self.progressive_resolution = progressive_resolution
+        self.holdout_path = holdout_path
         self._mean = torch.tensor(mean).view(1, 3, 1, 1)
         self._std = torch.tensor(std).view(1, 3, 1, 1)
 
@@ -163,12 +168,13 @@ class ImageClassificationData(L.LightningDataModule):
         return {}
 
     def evaluation_dataloader(self, source: str, subset: Optional[np.ndarray] = None,
-                              crop_ratio: Optional[float] = None) -> Iterable:
+                              crop_ratio: Optional[float] = None, local: bool = False) -> Iterable:
         """Batches of ``source`` (as in ``labels``) without augmentation: a centre crop of ``crop_ratio`` of
         the shorter side resized to ``image_size`` (by default validation's, ``image_size / val_resize``;
         1.0 keeps the whole shorter side, as transfer probes do, appendix A.2). Only the samples ``subset``
-        (all by default); each is read by exactly one process. Measurements use it for fixed training
-        subsets and for transfer data sets."""
+        (all by default), in order; each is read by exactly one process, or with ``local`` this process
+        reads all of ``subset`` (its own share, chosen by the caller). Measurements use it for fixed
+        training subsets and for transfer data sets."""
         raise NotImplementedError
 
     # --- shared ---
@@ -235,10 +241,11 @@ class ImageClassificationData(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         """Normalise uint8 images to float on the training device (channels_last on a GPU); labels to int64
-        of shape (B,), also for a last batch of one (FFCV gives (B, 1))."""
+        of shape (B,), also for a last batch of one (FFCV gives (B, 1)), owned by the caller."""
         images, labels = batch
         if self._mean.device != images.device:  # moved once, not every batch
             self._mean, self._std = self._mean.to(images.device), self._std.to(images.device)
         if images.is_cuda:
             images = images.contiguous(memory_format=torch.channels_last)
-        return (images.float() - self._mean) / self._std, labels.long().reshape(-1)
+        # A copy: FFCV hands out the same label buffers again a few batches later.
+        return (images.float() - self._mean) / self._std, labels.to(torch.long, copy=True).reshape(-1)

@@ -201,6 +201,7 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
         flip: random horizontal flips in training.
         num_workers: FFCV decoding threads per process.
         seed: seed of the training order and augmentation; by default the run's (``seed_everything``).
+        holdout_path: a .beton of held-out images of the same classes, for calibration's temperature.
     """
 
     def __init__(
@@ -218,6 +219,7 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
         flip: bool = True,
         num_workers: int | None = None,
         seed: int | None = None,
+        holdout_path: str | None = None,
     ):
         super().__init__(
             train_path=str(Path(root) / "train.beton"),
@@ -231,6 +233,7 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
             flip=flip,
             num_workers=num_workers,
             seed=seed,
+            holdout_path=holdout_path,
             make_hint=f"Generate it with `python -m datamodules.shapes --root {root}`.",
         )
         self.root = Path(root)

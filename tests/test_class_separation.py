@@ -54,12 +54,27 @@ def test_separated_classes_approach_one_and_shuffled_labels_zero():
     assert abs(class_separation(x, y[torch.randperm(len(y))])) < 0.02
 
 
-def test_metric_over_batches_equals_one_shot_and_ignores_absent_classes():
+def test_streaming_metric_read_class_by_class_equals_the_double_sum():
     x, y = clustered([7, 3, 11, 5])
-    metric = ClassSeparation(num_classes=6, dim=x.shape[1])  # classes 4 and 5 never appear
-    for chunk in torch.arange(len(y)).split(4):
+    order = torch.argsort(y, stable=True)  # class by class, in batches that cut across classes
+    metric = ClassSeparation(dim=x.shape[1])
+    for chunk in order.split(4):
         metric.update(x[chunk], y[chunk])
     assert float(metric.compute()) == pytest.approx(pairwise_r2(x, y), abs=1e-6)
+    assert metric.sum_of_means.numel() == x.shape[1]  # O(P): no per-class sums kept
+    metric.reset()
+    with pytest.raises(ValueError, match="class 0 came back"):
+        metric.update(x[y == 0], y[y == 0]), metric.update(x[y == 1], y[y == 1]), metric.update(x[y == 0], y[y == 0])
+
+
+def test_self_pairs_bias_r2_by_about_one_minus_r2_over_n():
+    # The README's statement: n examples per class give about R² + (1 - R²)/n.
+    torch.manual_seed(0)
+    x, y = clustered([4000] * 5, spread=2.0)
+    full = class_separation(x, y)
+    small = [class_separation(x[torch.cat([torch.nonzero(y == c).flatten()[i * 20:(i + 1) * 20] for c in range(5)])],
+                              torch.arange(5).repeat_interleave(20)) for i in range(100)]
+    assert sum(small) / len(small) - full == pytest.approx((1 - full) / 20, rel=0.15)
 
 
 def test_bad_input_is_named():
@@ -73,8 +88,9 @@ def test_bad_input_is_named():
 def _rank(rank: int, world: int, port: int, x, y, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    metric = ClassSeparation(num_classes=4, dim=x.shape[1])
-    for chunk in torch.arange(rank, len(y), world).split(3):  # unequal shards, as evaluation deals them
+    metric = ClassSeparation(dim=x.shape[1])
+    mine = torch.cat([torch.nonzero(y == c).flatten() for c in range(rank, 4, world)])  # whole classes per rank
+    for chunk in mine.split(3):
         metric.update(x[chunk], y[chunk])
     out[rank] = float(metric.compute())
     dist.destroy_process_group()

@@ -166,3 +166,12 @@ def test_training_crops_grow_with_the_epoch(tmp_path, library):
         data.trainer.current_epoch = epoch
         sizes.append(next(iter(loader))[0].shape[-1])
     assert sizes == [16, 16, 24, 32]
+
+
+def test_labels_kept_across_batches_stay_those_of_their_batch(tmp_path):
+    # FFCV reuses its label buffers a few batches later: probes and calibration, which keep every batch's
+    # labels, read overwritten ones unless the data module hands out copies.
+    data = datamodule(write_indexed_beton(tmp_path / "d.beton", 96))  # label = index; 12 batches of 8
+    data.setup("fit")
+    kept = [data.on_after_batch_transfer(batch, 0)[1] for batch in data.evaluation_dataloader("val")]
+    assert torch.cat(kept).tolist() == list(range(96))

@@ -30,6 +30,17 @@ def ema_features(model, data, source, subset=None, precision=torch.float32):
     return torch.cat(xs), torch.cat(ys)
 
 
+def ema_block_output(model, data, subset, block):
+    """One block's output of the EMA network on the images ``subset`` of train."""
+    outputs = []
+    handle = model.ema.module.blocks()[block].register_forward_hook(lambda m, i, out: outputs.append(out.clone()))
+    try:
+        ema_features(model, data, "train", subset)
+    finally:
+        handle.remove()
+    return torch.cat(outputs)
+
+
 @pytest.fixture(scope="module")
 def measured_run(tmp_path_factory, shapes_root):
     tmp = tmp_path_factory.mktemp("measured")
@@ -48,7 +59,7 @@ def test_every_measurement_is_logged_under_its_tag(measured_run):
     expected |= {f"relu_nonzero/{layer}" for layer in layers}
     expected |= {f"neural_collapse/{k}" for k in ("within_over_between", "self_duality", "cos_mean_shift_avg",
                                                    "std_over_avg_mean_norm", "std_over_avg_weight_norm")}
-    expected |= {f"calibration/{k}" for k in ("nll", "ece", "nll_tempscaled", "ece_tempscaled")}
+    expected |= {f"calibration/val_split/{k}" for k in ("nll", "ece", "nll_tempscaled", "ece_tempscaled", "temperature")}
     expected |= {f"probe/texture/{k}" for k in ("linear_acc", "knn_acc", "linear_l2", "knn_k")}
     assert expected <= scalars, sorted(expected - scalars)
     assert {"class_separation/by_layer", "relu_nonzero/by_layer"} <= set(events.Tags()["images"])
@@ -63,14 +74,16 @@ def test_logged_numbers_are_those_of_the_ema_network(measured_run):
     def last(tag):
         return events.Scalars(tag)[-1].value
 
-    subset = balanced_subset(data.labels("train"), 2000, seed=0)  # the quickstart's train_images
-    train_x, train_y = ema_features(model, data, "train", subset)
-    assert len(train_y) == len(subset) and torch.bincount(train_y).max() <= 2000 // 60
+    train_x, train_y = ema_features(model, data, "train")  # penultimate R²: every training image
+    assert len(train_y) == 1024
     assert last("class_separation/train/penultimate") == pytest.approx(class_separation(train_x, train_y), abs=1e-5)
+    subset = balanced_subset(data.labels("train"), 2000, seed=0)  # blocks: the quickstart's train_images
+    block = ema_block_output(model, data, subset, "layer2.0")
+    assert last("class_separation/train/layer2.0") == pytest.approx(class_separation(block, train_y[subset]), abs=1e-5)
     val_x, val_y = ema_features(model, data, "val")
     assert last("class_separation/val/penultimate") == pytest.approx(class_separation(val_x, val_y), abs=1e-5)
     assert last("relu_nonzero/penultimate") == pytest.approx(relu_nonzero_fraction(val_x), abs=1e-6)
-    assert 0 <= last("calibration/ece") <= 1 and last("calibration/nll") > 0
+    assert 0 <= last("calibration/val_split/ece") <= 1 and last("calibration/val_split/nll") > 0
     assert 0 <= last("probe/texture/linear_acc") <= 1 and last("probe/texture/knn_k") >= 1
 
 
@@ -200,3 +213,23 @@ def test_a_transfer_set_without_a_known_measure_is_refused(tmp_path):
     assert TransferData(str(beton), str(beton), measure="mean_per_class").score_measure() == "mean_per_class"
     with pytest.raises(ValueError, match="measure must be one of"):
         TransferData(str(beton), str(beton), measure="top5").score_measure()
+
+
+def test_calibration_fits_its_temperature_on_the_holdout_and_reports_every_validation_image(tmp_path, shapes_root):
+    from measurements.calibration import fit_temperature, negative_log_likelihood
+
+    holdout = shapes_root / "train.beton"  # stands in for held-out images of the same classes
+    run = fit(tmp_path, shapes_root, f"--data.init_args.holdout_path={holdout}", "--trainer.limit_train_batches=2",
+              "--trainer.limit_val_batches=0")
+    measured = json.loads((Path(run.trainer.log_dir) / "measurements.json").read_text())["evaluations"][-1]["measurements"]
+    assert not [tag for tag in measured if tag.startswith("calibration/val_split")]
+
+    def logits(source):
+        x, y = ema_features(run.model, run.datamodule, source)
+        return run.model.logits(x, run.model.ema.module), y
+
+    (fit_z, fit_y), (val_z, val_y) = logits(str(holdout)), logits("val")
+    temperature = fit_temperature(fit_z, fit_y)
+    assert measured["calibration/holdout/temperature"] == pytest.approx(temperature, rel=1e-4)
+    assert measured["calibration/holdout/nll_tempscaled"] == pytest.approx(negative_log_likelihood(val_z, val_y, temperature=temperature), rel=1e-4)
+    assert measured["calibration/holdout/nll"] == pytest.approx(negative_log_likelihood(val_z, val_y), rel=1e-5)

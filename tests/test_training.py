@@ -257,8 +257,9 @@ def test_measurements_do_not_depend_on_the_number_of_processes(tmp_path, shapes_
     assert set(one) == set(two)
     for tag in ("probe/texture/linear_l2", "probe/texture/knn_k"):
         assert one[tag] == two[tag], tag
-    for tag in ("probe/texture/linear_acc", "probe/texture/knn_acc", "calibration/ece", "calibration/ece_tempscaled",
-                "calibration/temperature", "class_separation/val/penultimate"):
+    for tag in ("probe/texture/linear_acc", "probe/texture/knn_acc", "calibration/val_split/ece",
+                "calibration/val_split/ece_tempscaled", "calibration/val_split/temperature", "class_separation/val/penultimate",
+                "class_separation/train/layer2.0", "neural_collapse/within_over_between"):
         assert one[tag] == pytest.approx(two[tag], abs=1e-5), tag
 
 
