@@ -68,7 +68,11 @@ def build_backbone(name: str, source: str = "torchvision", zero_init_last_bn: bo
 
 def residual_blocks(net: nn.Module) -> dict[str, nn.Module]:
     """The network's blocks in forward order, by qualified name: ResNet ``layerX.i`` (torchvision and
-    timm), timm ``stages.i.blocks.j``, or the children of a ``features`` sequential (VGG, EfficientNet)."""
+    timm), Inception v3's ``Mixed_5b`` ... ``Mixed_7c`` (appendix B; each the concatenation of its branches'
+    ReLU outputs), timm ``stages.i.blocks.j``, or the children of a ``features`` sequential (VGG, EfficientNet)."""
+    mixed = {name: child for name, child in net.named_children() if name.startswith("Mixed_")}
+    if mixed:
+        return mixed
     if all(hasattr(net, f"layer{i}") for i in range(1, 5)):
         return {f"layer{i}.{j}": block for i in range(1, 5) for j, block in enumerate(getattr(net, f"layer{i}"))}
     if hasattr(net, "stages"):

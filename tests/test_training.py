@@ -281,3 +281,29 @@ def test_the_torchvision_fallback_replaces_ffcv_with_one_flag():
                       "--data", str(REPO / "configs/imagenet/data_folders.yaml")], run=False)
     assert type(built.datamodule).__name__ == "ImageFolderDataModule"
     assert built.model.hparams.num_classes == 1000 and built.datamodule.global_batch_size == 4096
+
+
+def test_inception_v3_trains_and_is_measured_block_by_block(tmp_path, shapes_root):
+    # Appendix B's second architecture, from timm, at 80 px (Inception v3 needs >= 75) on the shapes images.
+    config = {
+        "seed_everything": 0,
+        "model": {"backbone": "inception_v3", "backbone_source": "timm", "warmup_epochs": 0, "ema_reference_batch": 16},
+        "data": {"class_path": "datamodules.FFCVImageDataModule",
+                 "init_args": {"train_path": str(shapes_root / "train.beton"), "val_path": str(shapes_root / "val.beton"),
+                               "global_batch_size": 16, "image_size": 80, "val_resize": 80, "num_workers": 1}},
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 3, "limit_val_batches": 0, "num_sanity_val_steps": 0,
+                    "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path),
+                    "callbacks": [{"class_path": "callbacks.RepresentationMeasurements",
+                                   "init_args": {"train_images": 120, "penultimate_train_images": 120,
+                                                 "neural_collapse": False, "calibration": False}}]},
+    }
+    (tmp_path / "inception.yaml").write_text(yaml.safe_dump(config))
+    run = cli.main(["fit", "--config", str(tmp_path / "inception.yaml")])
+    blocks = list(run.model.network.blocks())
+    assert blocks == ["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
+                      "Mixed_7a", "Mixed_7b", "Mixed_7c"]
+    (evaluation,) = json.loads((Path(run.trainer.log_dir) / "measurements.json").read_text())["evaluations"]
+    measured = evaluation["measurements"]
+    assert "errors" not in evaluation and run.trainer.global_step == 3
+    for layer in [*blocks, "penultimate"]:
+        assert 0 < measured[f"relu_nonzero/{layer}"] <= 1 and -1 < measured[f"class_separation/val/{layer}"] < 1, layer
