@@ -30,7 +30,7 @@ class RunCheckpoints(ModelCheckpoint):
     def __init__(self, epochs: tuple[int, ...] = (), every_n_epochs: int = 0):
         if every_n_epochs < 0 or any(e < 0 for e in epochs):
             raise ValueError(f"checkpoints: epochs and every_n_epochs must be >= 0, got {list(epochs)} and {every_n_epochs}.")
-        super().__init__(save_last=True, save_top_k=0)
+        super().__init__(save_last=True, save_top_k=0)  # (last.ckpt: see on_train_epoch_end)
         self.epochs, self.keep_every = sorted(set(epochs)), every_n_epochs
 
     def keeps(self, completed: int) -> bool:
@@ -39,15 +39,31 @@ class RunCheckpoints(ModelCheckpoint):
     def kept_path(self, completed: int) -> Path:
         return Path(self.dirpath) / f"epoch{completed:03d}{self.FILE_EXTENSION}"
 
+    def last_path(self) -> Path:
+        return Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         if trainer.global_step == 0 and self.keeps(0):
-            self._keep(trainer, 0)
+            self._write(trainer, self.kept_path(0), weights_only=True)
+
+    # ModelCheckpoint writes last.ckpt only with a top-k checkpoint; here it is written at the end of every
+    # epoch (after validation and the measurement callbacks), and ModelCheckpoint's own saving is off.
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self.keeps(trainer.current_epoch + 1):
-            self._keep(trainer, trainer.current_epoch + 1)
+        if trainer.fast_dev_run:
+            return
+        completed = trainer.current_epoch + 1
+        if self.keeps(completed):
+            self._write(trainer, self.kept_path(completed), weights_only=True)
+        self._write(trainer, self.last_path(), weights_only=False)
+        self.last_model_path = str(self.last_path())
 
-    def _keep(self, trainer: L.Trainer, completed: int) -> None:
-        trainer.save_checkpoint(self.kept_path(completed), weights_only=True)  # every rank; rank 0 writes
+    @staticmethod
+    def _write(trainer: L.Trainer, path: Path, weights_only: bool) -> None:
+        trainer.save_checkpoint(path, weights_only=weights_only)  # every rank; rank 0 writes

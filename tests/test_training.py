@@ -307,3 +307,20 @@ def test_inception_v3_trains_and_is_measured_block_by_block(tmp_path, shapes_roo
     assert "errors" not in evaluation and run.trainer.global_step == 3
     for layer in [*blocks, "penultimate"]:
         assert 0 < measured[f"relu_nonzero/{layer}"] <= 1 and -1 < measured[f"class_separation/val/{layer}"] < 1, layer
+
+
+def test_last_checkpoint_is_written_at_the_end_of_every_epoch(tmp_path, shapes_root):
+    # What a preempted or killed job resumes from: after epoch 0 of 2, not only at the end of fit.
+    import lightning as L
+
+    written = []
+
+    class AtSecondEpoch(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                written.append(torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=False)["global_step"])
+
+    run = fit(tmp_path, shapes_root, "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0", epochs=2, run=False)
+    run.trainer.callbacks.append(AtSecondEpoch())
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert written == [2]
