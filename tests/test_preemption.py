@@ -9,7 +9,7 @@ import cli
 from callbacks.preemption import NOT_REQUEUED_EXIT_CODE, Preempted, Preemption
 
 from .helpers import SignalAt, scalars
-from .test_training import DETERMINISTIC_AUGMENTATION, assert_same_end, fit
+from .test_training import NO_MEASUREMENTS, assert_same_end, fit
 
 
 @pytest.fixture(autouse=True)
@@ -21,11 +21,11 @@ def default_handlers():
 
 
 def test_preempted_mid_epoch_resumes_at_the_same_step_with_the_same_data(tmp_path, shapes_root):
-    straight = fit(tmp_path / "straight", shapes_root, *DETERMINISTIC_AUGMENTATION, epochs=2)
+    straight = fit(tmp_path / "straight", shapes_root, NO_MEASUREMENTS, epochs=2)
 
     # 16 steps per epoch; the signal comes at step 21 and is acted on at the next check (every 10 steps),
     # at step 30: batch 14 of epoch 1.
-    preempted = fit(tmp_path / "preempted", shapes_root, *DETERMINISTIC_AUGMENTATION, epochs=2, run=False)
+    preempted = fit(tmp_path / "preempted", shapes_root, NO_MEASUREMENTS, epochs=2, run=False)
     preempted.trainer.callbacks.append(SignalAt(21, signal.SIGUSR1))
     with pytest.raises(Preempted) as stop:
         preempted.trainer.fit(preempted.model, datamodule=preempted.datamodule)
@@ -35,7 +35,7 @@ def test_preempted_mid_epoch_resumes_at_the_same_step_with_the_same_data(tmp_pat
     checkpoint = torch.load(last, weights_only=False)
     assert checkpoint["global_step"] == 30 and checkpoint["epoch"] == 1
 
-    resumed = fit(tmp_path / "preempted", shapes_root, *DETERMINISTIC_AUGMENTATION, "--ckpt_path=last", epochs=2)
+    resumed = fit(tmp_path / "preempted", shapes_root, NO_MEASUREMENTS, "--ckpt_path=last", epochs=2)
     # Equal weights need the two remaining batches of epoch 1 (not its first two), the optimiser's
     # momentum, the lr schedule and the EMA as they were at step 30.
     assert_same_end(straight, resumed, steps=32, epochs=2)
@@ -56,18 +56,18 @@ def test_preempted_mid_epoch_resumes_at_the_same_step_with_the_same_data(tmp_pat
 def test_a_signal_before_training_starts_is_acted_on_at_the_first_step(tmp_path, shapes_root, signum, when):
     received_by_the_process = []  # stands in for the default action (ending the process) if Preemption missed it
     signal.signal(signum, lambda *_: received_by_the_process.append(True))
-    run = fit(tmp_path, shapes_root, epochs=1, run=False)
+    run = fit(tmp_path, shapes_root, NO_MEASUREMENTS, epochs=1, run=False)
     run.trainer.callbacks.insert(0, SignalAt(when, signum))
     with pytest.raises(Preempted):
         run.trainer.fit(run.model, datamodule=run.datamodule)
     assert not received_by_the_process and run.trainer.global_step == 0
     assert torch.load(Preemption.checkpoint_path(run.trainer), weights_only=False)["global_step"] == 0
-    resumed = fit(tmp_path, shapes_root, "--ckpt_path=last", epochs=1)
+    resumed = fit(tmp_path, shapes_root, NO_MEASUREMENTS, "--ckpt_path=last", epochs=1)
     assert resumed.trainer.global_step == 16
 
 
 def test_without_a_signal_nothing_is_checkpointed_early(tmp_path, shapes_root):
-    run = fit(tmp_path, shapes_root, epochs=1, run=False)
+    run = fit(tmp_path, shapes_root, NO_MEASUREMENTS, epochs=1, run=False)
     run.trainer.fit(run.model, datamodule=run.datamodule)
     assert run.trainer.global_step == 16
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -9,7 +9,7 @@ import torch
 from datamodules.seeded_augmentation import image_keys
 
 from .helpers import ffcv_datamodule, parameter_digest
-from .test_training import fit
+from .test_training import NO_MEASUREMENTS, fit
 
 
 def batches(data, epoch: int, count: int = 3) -> list[torch.Tensor]:
@@ -70,7 +70,7 @@ def test_same_config_and_seed_give_identical_weights_and_measurements(tmp_path, 
 def test_a_folder_holds_one_run(tmp_path, shapes_root):
     from callbacks.run_config import RunFolderError
 
-    args = ["--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0"]
+    args = [NO_MEASUREMENTS, "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0"]
     fit(tmp_path, shapes_root, *args)
     with pytest.raises(RunFolderError, match=r"another config \(model.lr_per_256: 0.2 -> 0.3\)"):
         fit(tmp_path, shapes_root, *args, "--model.lr_per_256=0.3")
