@@ -1,7 +1,7 @@
 """What a run is: its folder, its config and the fingerprint that tells two runs' configs apart.
 
-A run lives in ``<root>/<name>/<version>``: ``root`` is ``trainer.default_root_dir`` when given (else the
-logger's ``save_dir``), ``name`` the objective (``cosine_softmax``) unless the logger names it, and
+A run lives in ``<root>/<name>/<version>``: ``root`` is the logger's ``save_dir`` when a config sets one,
+else ``trainer.default_root_dir`` when given, else ``runs``; ``name`` the objective (``cosine_softmax``) unless the logger names it, and
 ``version`` the seed (``seed3``) unless the logger names it (``name_run``). The folder holds one run of one
 config: ``RunConfig`` writes ``config.yaml`` there at the start of fit and refuses a second, different
 config, or a fresh start over an unfinished one, before anything is written.
@@ -26,6 +26,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 __all__ = ["RunConfig", "RunFolderError", "config_differences", "fingerprint", "name_run", "objective_slug"]
 
 DEFAULT_NAME = "lightning_logs"  # TensorBoardLogger's name when a config gives none
+DEFAULT_SAVE_DIR = "runs"  # cli.trainer_defaults' logger
 
 # Keys (dotted, from the config's top) that say how a run executes, not what it computes.
 EXECUTION_KEYS = {
@@ -67,8 +68,8 @@ def name_run(config) -> None:
     if not hasattr(logger, "init_args") or not str(logger.class_path).endswith("TensorBoardLogger"):
         return  # another logger (or none) names its own run
     args = logger.init_args
-    if config.trainer.default_root_dir is not None:
-        args.save_dir = config.trainer.default_root_dir
+    if config.trainer.default_root_dir is not None and args.save_dir in (None, DEFAULT_SAVE_DIR):
+        args.save_dir = config.trainer.default_root_dir  # a save_dir the logger was given explicitly wins
     if args.name in (None, DEFAULT_NAME):
         args.name = objective_slug(config.model.objective)
     if args.version is None:

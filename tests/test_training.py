@@ -171,6 +171,8 @@ def test_validate_and_test_on_a_checkpoint(tmp_path, shapes_root):
         run = cli.main([sub, "--config", str(REPO / "configs" / "quickstart.yaml"), f"--data.init_args.root={shapes_root}",
                         f"--trainer.logger.init_args.save_dir={tmp_path / sub}", f"--ckpt_path={last}", *TINY])
         assert math.isfinite(float(run.trainer.logged_metrics[f"{'val' if sub == 'validate' else 'test'}/acc1"]))
+        # The logger's own save_dir wins over the config's default_root_dir (runs/quickstart, the user's runs).
+        assert run.trainer.logger.log_dir == str(tmp_path / sub / "softmax" / "seed0")
 
 
 def test_ddp_on_two_cpu_processes_sees_disjoint_data_and_ends_with_identical_weights(tmp_path):
