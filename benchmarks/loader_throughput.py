@@ -5,8 +5,10 @@ to compress like real images) with the same augmentation (random-resized crop to
 and worker count, and are interleaved in rounds so machine noise hits them alike:
 
 - ``ffcv/datamodule``: ``FFCVImageDataModule.train_dataloader()``, as training uses it
-- ``ffcv/Loader``:     FFCV's ``Loader`` built by hand with the same pipeline as the data module builds on
-                       the CPU (the data module's overhead is the difference)
+- ``ffcv/Loader``:     FFCV's ``Loader`` built by hand with the pipeline the data module builds on the CPU,
+                       but FFCV's own crop and flip (drawn from per-thread generators): the difference is
+                       the data module's overhead plus the reproducible per-image draws
+                       (``datamodules/seeded_augmentation.py``)
 - ``torchvision``:     ``ImageFolderDataModule`` (PIL decode in DataLoader worker processes)
 
 Also the writer: images/s and the file size with ffcv-imagenet's ResNet-50 settings.
