@@ -128,12 +128,15 @@ class RepresentationMeasurements(MeasurementCallback):
         if self.class_separation or self.neural_collapse:
             size = self.penultimate_train_images
             images = np.arange(len(train_labels)) if size is None else balanced_subset(train_labels, size, self.seed)
-            r2, collapse = PerLayer(lambda a: ClassSeparation(a[0].numel())), PerLayer(lambda a: NeuralCollapseStats(num_classes, a.shape[1]))
-            self._pass(trainer, module, "train", images, [], [r2] if self.class_separation else [], [collapse] if self.neural_collapse else [])
+            r2 = PerLayer(lambda a: ClassSeparation(a[0].numel()))
+            collapse = PerLayer(lambda a: NeuralCollapseStats(num_classes, a.shape[1]))
+            self._pass(trainer, module, "train", images, [], [r2] if self.class_separation else [],
+                       [collapse] if self.neural_collapse else [])
             if self.class_separation:
                 separation["train"] = r2.compute()
             if self.neural_collapse:
-                sums = [require_finite(t, "The training images' penultimate features") for t in collapse.metrics[PENULTIMATE].sufficient_statistics()]
+                sums = [require_finite(t, "The training images' penultimate features")
+                        for t in collapse.metrics[PENULTIMATE].sufficient_statistics()]
                 stats = neural_collapse_statistics(*sums, module.objective.class_weights(module.eval_network.head))
                 scalars.update({f"neural_collapse/{k}": v for k, v in stats.items()})
         if self.class_separation and blocks:
@@ -143,7 +146,8 @@ class RepresentationMeasurements(MeasurementCallback):
 
         nonzero: dict[str, float] = {}
         if self.class_separation or self.relu_sparsity or self.calibration:
-            r2, sparsity = PerLayer(lambda a: ClassSeparation(a[0].numel())), PerLayer(lambda a: NonzeroFraction(), labelled=False)
+            r2 = PerLayer(lambda a: ClassSeparation(a[0].numel()))
+            sparsity = PerLayer(lambda a: NonzeroFraction(), labelled=False)
             per_layer = [m for m, on in ((r2, self.class_separation), (sparsity, self.relu_sparsity)) if on]
             val_logits = self._pass(trainer, module, "val", None, blocks, per_layer, [], logits=self.calibration)
             if self.class_separation:
