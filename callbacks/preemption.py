@@ -4,8 +4,8 @@ SLURM announces the end of a job's time (``#SBATCH --signal=SIGUSR1@90``) or a p
 to every process of the job step: SIGUSR1 where the job asked for it, SIGTERM where the cluster preempts
 with ``PreemptMode=REQUEUE`` and a ``GraceTime`` (then SIGKILL). Both are handled alike. Lightning's own
 SIGTERM handler would stop the run at the next step without a checkpoint (and broadcast from inside the
-handler); it is replaced once training starts, and a SIGTERM it caught before that is taken over. Lightning's own handler saves ``hpc_ckpt_N.ckpt`` from inside the
-signal handler, wherever each rank happens to be: possibly between the forward pass and the optimiser
+handler); it is replaced once training starts, and a SIGTERM it caught before that is taken over.
+Lightning's own SLURM handler (for SIGUSR1) saves ``hpc_ckpt_N.ckpt`` from inside the signal handler, wherever each rank happens to be: possibly between the forward pass and the optimiser
 step, and with a barrier that can meet another rank's gradient all-reduce; training then goes on logging
 steps that the resumed run logs again. Here the handler only raises a flag. At the start of a training
 step, every ``check_every_n_steps`` steps, the ranks agree whether any of them was signalled (one

@@ -134,15 +134,15 @@ class RunConfig(SaveConfigCallback):
 
     def problem(self, folder: Path) -> Optional[str]:
         previous = read_config(folder / self.config_filename)
-        fix = ("Give this run its own folder (--trainer.logger.init_args.version=<name>, or another seed or "
-               "default_root_dir)")
+        elsewhere = ("give this run its own folder (--trainer.logger.init_args.version=<name>, or another seed or "
+                     "default_root_dir), or delete that folder")
         if previous is not None:
             differences = config_differences(previous, self.config_dict())
             if differences:
                 return (f"{folder} holds a run of another config ({'; '.join(differences[:8])}"
-                        f"{'; ...' if len(differences) > 8 else ''}). {fix}, or delete that folder to replace it.")
+                        f"{'; ...' if len(differences) > 8 else ''}). To keep it, {elsewhere}.")
         last = folder / "checkpoints" / "last.ckpt"
         if last.is_file() and self.config.get("ckpt_path") is None:
             return (f"{folder} holds a run of this config with a checkpoint ({last}). Resume it with "
-                    f"--ckpt_path=last; or {fix[0].lower() + fix[1:]}, or delete that folder to start over.")
+                    f"--ckpt_path=last; or {elsewhere}.")
         return None

@@ -138,8 +138,8 @@ class ObjectiveClassifier(L.LightningModule):
         self.network = Network(features, head)
         self.ema = None
         if ema_decay is not None:
-            decay = ema_decay_at(10**9, ema_decay, "none", global_batch_size / ema_reference_batch)
-            self.ema = ModelEmaV3(self.network, decay=decay)  # the decay after warm-up; each update passes its own
+            # The decay after warm-up (each update passes its own, ``ema_decay_at``).
+            self.ema = ModelEmaV3(self.network, decay=ema_decay ** (global_batch_size / ema_reference_batch))
             self.ema.requires_grad_(False)  # updated by averaging, never by the optimiser (or DDP)
             # Its mode follows the module's like every child (eval whenever it is evaluated); timm leaves
             # it in eval, which Lightning would flag at the start of fit.
