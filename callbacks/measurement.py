@@ -2,12 +2,14 @@
 
 A measurement runs every ``every_n_epochs`` training epochs and once more at the end of fit (if the
 last epoch was not already measured), on the weights that validation evaluates (the EMA when it is on),
-in eval mode. The network's forward passes run under the trainer's precision (bf16 autocast on a GPU, as
+in eval mode. Outside fit, ``cli.py validate --config <run>/config.yaml --ckpt_path <checkpoint>`` measures a
+saved checkpoint after validating it, recorded at the checkpoint's step: how a study adds a measurement
+to runs that ended without it. The network's forward passes run under the trainer's precision (bf16 autocast on a GPU, as
 in training); the statistics computed from them do not: autocast would run their float32 matrix products
 (probes, kNN similarities) in bf16. Its numbers go to every logger (TensorBoard: one curve
 per tag, at the global step) and to ``measurements.json`` beside the run's logs: for every evaluated
 epoch, every measurement, with the objective, the hyper-parameters and the run's config, for reports
-to aggregate later.
+to aggregate later; with them, validation's own numbers (``val/acc1``, ``val/loss``, ...) of the same step.
 
 A measurement never ends a run. The training loss is checked first (a non-finite loss stops the run, as
 in training); then a measurement that fails, e.g. on a training subset that lacks a class or on weights
@@ -115,6 +117,7 @@ class MeasurementCallback(Callback):
         self._last_error: Optional[str] = None
         self._loaders: dict[tuple, object] = {}
         self._fit_started, self.seconds = time.perf_counter(), 0.0  # time spent measuring, for its share of the fit
+        self._validation: tuple[Optional[int], dict[str, float]] = (None, {})  # (step, val/* metrics) of the last validation
 
     def measure(self, trainer: L.Trainer, module: L.LightningModule) -> tuple[dict[str, float], dict[str, object]]:
         raise NotImplementedError
@@ -137,6 +140,14 @@ class MeasurementCallback(Callback):
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._fit_started, self.seconds = time.perf_counter(), 0.0
 
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        self._validation = (measured_at(trainer, module)[1], metrics)
+        if trainer.state.fn == "validate":  # a saved checkpoint, measured after its validation
+            self._run(trainer, module)
+
     def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self._last_measured_step != trainer.global_step:
             self._run(trainer, module)
@@ -150,6 +161,7 @@ class MeasurementCallback(Callback):
     def _run(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if hasattr(module, "raise_if_nonfinite"):
             module.raise_if_nonfinite()  # a non-finite loss stops the run before anything is measured
+        epoch, step = measured_at(trainer, module)
         start, error = time.perf_counter(), None
         try:
             with self.evaluating(trainer, module):
@@ -160,24 +172,34 @@ class MeasurementCallback(Callback):
         except Exception as err:  # noqa: BLE001 -- reported and recorded; the run goes on
             scalars, figures = {}, {}
             error = f"{type(err).__name__}: {err}"
-            rank_zero_warn(f"{type(self).__name__} failed at step {trainer.global_step}, training goes on: {error}")
+            rank_zero_warn(f"{type(self).__name__} failed at step {step}, training goes on: {error}")
         self.seconds += time.perf_counter() - start
-        self._last_measured_step, self._last_scalars, self._last_error = trainer.global_step, scalars, error
+        self._last_measured_step, self._last_scalars, self._last_error = step, scalars, error
         if trainer.is_global_zero:
-            record(trainer, module, scalars, figures, errors={type(self).__name__: error} if error else {})
+            validated_at, validation = self._validation
+            record(trainer, module, epoch, step, scalars, figures, errors={type(self).__name__: error} if error else {},
+                   validation=validation if validated_at == step else {})
 
     @staticmethod
     @contextmanager
     def evaluating(trainer: L.Trainer, module: L.LightningModule):
         """Eval mode and no gradients (autocast only around forward passes: ``forward_pass``); the training mode
-        is restored after."""
+        is restored after. Outside inference mode, which ``validate`` runs its hooks in: the fits inside a
+        measurement (calibration's temperature, the probes) turn gradients back on."""
         was_training = module.training
         module.eval()
         try:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():
                 yield
         finally:
             module.train(was_training)
+
+
+def measured_at(trainer: L.Trainer, module: L.LightningModule) -> tuple[int, int]:
+    """(epoch, step) of the evaluated weights: the run's position in fit, a loaded checkpoint's outside it."""
+    if trainer.state.fn != "fit" and getattr(module, "checkpoint_position", None) is not None:
+        return module.checkpoint_position
+    return trainer.current_epoch, trainer.global_step
 
 
 def final_summary(name: str, trainer: L.Trainer, scalars: dict[str, float]) -> str:
@@ -191,11 +213,12 @@ def final_summary(name: str, trainer: L.Trainer, scalars: dict[str, float]) -> s
     return "\n".join(lines)
 
 
-def record(trainer: L.Trainer, module: L.LightningModule, scalars: dict[str, float], figures: dict[str, object],
-           errors: Optional[dict[str, str]] = None) -> None:
-    """Log to every logger at the global step and merge into the run's measurements.json (rank 0), with the
-    errors of measurements that failed at this step, by callback."""
-    step = trainer.global_step
+def record(trainer: L.Trainer, module: L.LightningModule, epoch: int, step: int, scalars: dict[str, float],
+           figures: dict[str, object], errors: Optional[dict[str, str]] = None,
+           validation: Optional[dict[str, float]] = None) -> None:
+    """Log to every logger at ``step`` and merge into the run's measurements.json (rank 0), with the errors of
+    measurements that failed at this step, by callback, and validation's numbers of this step (already
+    logged by the module)."""
     for logger in trainer.loggers:
         logger.log_metrics(scalars, step=step)
         if isinstance(logger, TensorBoardLogger):
@@ -222,9 +245,9 @@ def record(trainer: L.Trainer, module: L.LightningModule, scalars: dict[str, flo
     if config_text is not None:
         summary["config"] = config_text
     evaluations = {e["step"]: e for e in summary["evaluations"]}  # a resumed run re-measures a step: replace
-    entry = evaluations.setdefault(step, {"epoch": trainer.current_epoch, "step": step, "measurements": {}})
+    entry = evaluations.setdefault(step, {"epoch": epoch, "step": step, "measurements": {}})
     entry["fingerprint"] = run
-    entry["measurements"].update({tag: float(v) for tag, v in scalars.items()})
+    entry["measurements"].update({**(validation or {}), **{tag: float(v) for tag, v in scalars.items()}})
     if errors:
         entry.setdefault("errors", {}).update(errors)
     summary["evaluations"] = [evaluations[s] for s in sorted(evaluations)]

@@ -156,6 +156,7 @@ class ObjectiveClassifier(L.LightningModule):
         # plain attribute, not a buffer: DDP broadcasts buffers from rank 0, overwriting the other ranks' flags.
         self.first_nonfinite_step = torch.tensor(-1)
         self._ema_updated_at = 0  # global step of the last EMA update: one per optimiser step
+        self.checkpoint_position: Optional[tuple[int, int]] = None  # (epoch, step) of loaded weights
         self._compiled = False
 
     def configure_model(self) -> None:
@@ -286,3 +287,8 @@ class ObjectiveClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.raise_if_nonfinite()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Where loaded weights stand in their run: measurements of a checkpoint outside fit
+        # (``cli.py validate --ckpt_path``) are recorded at its step, not at 0.
+        self.checkpoint_position = (int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0)))

@@ -170,8 +170,8 @@ def test_measurements_of_another_config_are_set_aside_not_merged(tmp_path):
 
     def recorded(lr, step):
         (tmp_path / "config.yaml").write_text(f"model:\n  lr_per_256: {lr}\n")
-        trainer = SimpleNamespace(global_step=step, current_epoch=0, loggers=[], logger=SimpleNamespace(log_dir=str(tmp_path)))
-        record(trainer, SimpleNamespace(hparams={"lr_per_256": lr}), {"acc": lr}, {})
+        trainer = SimpleNamespace(loggers=[], logger=SimpleNamespace(log_dir=str(tmp_path)))
+        record(trainer, SimpleNamespace(hparams={"lr_per_256": lr}), 0, step, {"acc": lr}, {})
         return json.loads((tmp_path / "measurements.json").read_text())
 
     recorded(0.1, 10)

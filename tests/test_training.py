@@ -164,15 +164,24 @@ def test_invalid_hyper_parameter_from_the_command_line(tmp_path, shapes_root):
         fit(tmp_path, shapes_root, "--model.objective=CosineSoftmax", "--model.objective.temperature=-0.1")
 
 
-def test_validate_and_test_on_a_checkpoint(tmp_path, shapes_root):
-    fit(tmp_path, shapes_root, "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0")
-    last = next(tmp_path.rglob("last.ckpt"))
+def test_validate_measures_a_saved_checkpoint_and_test_scores_it(tmp_path, shapes_root):
+    # A run that trained without measurements; validate adds them at the checkpoint's step, in its folder.
+    fit(tmp_path, shapes_root, "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0", NO_MEASUREMENTS,
+        "--checkpoints.epochs=[1]")
+    folder = tmp_path / "softmax" / "seed0"
+    kept = folder / "checkpoints" / "epoch001.ckpt"
+    assert not (folder / "measurements.json").exists()
     for sub in ("validate", "test"):
-        run = cli.main([sub, "--config", str(REPO / "configs" / "quickstart.yaml"), f"--data.init_args.root={shapes_root}",
-                        f"--trainer.logger.init_args.save_dir={tmp_path / sub}", f"--ckpt_path={last}", *TINY])
+        run = cli.main([sub, "--config", str(folder / "config.yaml"), f"--ckpt_path={kept}", *TINY, "--trainer.limit_val_batches=1.0",
+                        "--trainer.callbacks=[{class_path: callbacks.RepresentationMeasurements, init_args: {layers: penultimate}}]"])
         assert math.isfinite(float(run.trainer.logged_metrics[f"{'val' if sub == 'validate' else 'test'}/acc1"]))
-        # The logger's own save_dir wins over the config's default_root_dir (runs/quickstart, the user's runs).
-        assert run.trainer.logger.log_dir == str(tmp_path / sub / "softmax" / "seed0")
+        assert run.trainer.logger.log_dir == str(folder)  # the run's own folder, from its config
+    (evaluation,) = json.loads((folder / "measurements.json").read_text())["evaluations"]  # validate's, not test's
+    assert (evaluation["epoch"], evaluation["step"]) == (0, 2)  # the checkpoint's, not the validating trainer's 0
+    values = evaluation["measurements"]
+    assert 0 <= values["class_separation/train/penultimate"] <= 1 and math.isfinite(values["calibration/val_split/ece"])
+    assert values["val/acc1"] == pytest.approx(float(run.trainer.logged_metrics["test/acc1"]))  # val = test split here
+    assert [step for step, _ in scalars(folder)["class_separation/train/penultimate"]] == [2]
 
 
 def test_ddp_on_two_cpu_processes_sees_disjoint_data_and_ends_with_identical_weights(tmp_path):
