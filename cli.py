@@ -5,6 +5,7 @@ argument is a knob (``python cli.py fit --help``) that the command line can over
 ``--model.objective=CosineSoftmax --model.objective.temperature=0.03``.
 """
 
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -44,6 +45,31 @@ class TransferStudyCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+class _ParseOnly(TransferStudyCLI):
+    """Parses a command line as ``fit`` would and names its run, without building anything."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def after_instantiate_classes(self) -> None:
+        pass
+
+
+def fit_config(args: list[str]):
+    """The config ``cli.py fit <args>`` would run (a jsonargparse Namespace), its run named, found without
+    building the model, the data or the trainer: the study's sweep reads it to skip finished runs."""
+    return _ParseOnly(ObjectiveClassifier, ImageClassificationData, subclass_mode_data=True,
+                      trainer_defaults=trainer_defaults(), args=args, run=False).config
+
+
+def run_folder(config) -> Path:
+    """The folder a ``fit_config`` runs in (``callbacks.run_config.name_run``)."""
+    logger = config.trainer.logger
+    if not hasattr(logger, "init_args") or not str(logger.class_path).endswith("TensorBoardLogger"):
+        raise ValueError(f"A study needs a TensorBoardLogger to name its runs' folders, got {logger}.")
+    return Path(logger.init_args.save_dir) / logger.init_args.name / logger.init_args.version
 
 
 def default_precision(precision, accelerator, gpu_has_bf16: Optional[bool] = None):

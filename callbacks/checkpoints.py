@@ -7,16 +7,30 @@ fine-tuning and loss barriers compare against), each weights-only: the trained n
 weights validation and the measurements evaluated (``ObjectiveClassifier.eval_network``), with the
 hyper-parameters, loadable by ``cli.py validate --ckpt_path`` and by fine-tuning. Figure D.2 probes every
 6 epochs; the ImageNet configs keep those (``checkpoints.every_n_epochs``).
+
+A fit that reaches its end (not one stopped by preemption or an error) writes ``finished.json`` beside them,
+with the epochs and steps done and the bounds it ran to, after every other callback's end of fit (Lightning calls checkpoint
+callbacks last), so the end-of-fit measurements are in: the study's sweep skips such a run.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-__all__ = ["RunCheckpoints"]
+__all__ = ["FINISHED_FILE", "RunCheckpoints", "finished"]
+
+FINISHED_FILE = "finished.json"
+
+
+def finished(run: Path) -> dict | None:
+    """What a run folder's ``finished.json`` records (epochs, global_step, max_epochs, max_steps), None when the
+    run has not ended."""
+    path = Path(run) / "checkpoints" / FINISHED_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 class RunCheckpoints(ModelCheckpoint):
@@ -63,6 +77,14 @@ class RunCheckpoints(ModelCheckpoint):
             self._write(trainer, self.kept_path(completed), weights_only=True)
         self._write(trainer, self.last_path(), weights_only=False)
         self.last_model_path = str(self.last_path())
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and not trainer.fast_dev_run and trainer.state.fn == "fit":
+            done = {"epochs": trainer.current_epoch, "global_step": trainer.global_step,
+                    "max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps}  # how far it was asked to go
+            path = Path(self.dirpath) / FINISHED_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(done))
 
     @staticmethod
     def _write(trainer: L.Trainer, path: Path, weights_only: bool) -> None:
