@@ -1,0 +1,152 @@
+"""A study: which experiment configs, which seeds, and how its runs are compared (a YAML file under
+``configs/studies/``, so a study is reproducible like a run).
+
+    experiments:            # cli.py fit configs; each config's file name (its stem) names the experiment
+      - configs/embedded/softmax.yaml
+      - configs/embedded/sigmoid.yaml
+    seeds: [0, 1]           # every experiment runs once per seed (--seed_everything)
+    overrides: []           # cli.py arguments for every run, e.g. ["--trainer.max_epochs=2"]
+    report: runs/embedded/report
+    cka:                    # between-model CKA (Figure 2); optional
+      pairs:                # block x block heatmaps (Figure 2a): runs as <experiment>/seed<k>
+        - [softmax/seed0, softmax/seed1]          # control: two seeds of one objective
+        - [softmax/seed0, softmax/seed0@untrained]  # control: an untrained network, BN moments of training images
+      layer: penultimate    # the objective x objective matrix of this layer's CKA (Figure 2b)
+      seed: 0               # ... between the experiments' runs of this seed
+    agreement: true         # prediction agreement between the matrix's runs (Figure C.4)
+
+A run is ``<experiment>/seed<k>``; it lives in the folder ``cli.py fit`` names for it (``cli.run_folder``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+__all__ = ["CKAPlan", "Run", "Study", "StudyError", "UNTRAINED"]
+
+UNTRAINED = "@untrained"  # a run's architecture at initialisation, its BN moments computed on training images
+RUN_NAME = re.compile(r"^(?P<experiment>[^/@]+)/seed(?P<seed>\d+)(?P<untrained>@untrained)?$")
+
+
+class StudyError(ValueError):
+    """A study file that cannot run: said before any run starts."""
+
+
+@dataclass(frozen=True)
+class Run:
+    experiment: str
+    seed: int
+    config: Path
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.experiment}/seed{self.seed}"
+
+    def fit_args(self) -> list[str]:
+        """``cli.py fit`` arguments that run (or resume) it."""
+        return ["--config", str(self.config), f"--seed_everything={self.seed}", *self.overrides, "--ckpt_path=last"]
+
+
+@dataclass(frozen=True)
+class CKAPlan:
+    pairs: tuple[tuple[str, str], ...] = ()
+    layer: Optional[str] = "penultimate"
+    seed: int = 0
+
+
+@dataclass
+class Study:
+    path: Path
+    experiments: dict[str, Path]
+    seeds: tuple[int, ...]
+    overrides: tuple[str, ...] = ()
+    report: Path = Path("report")
+    cka: Optional[CKAPlan] = None
+    agreement: bool = False
+    runs: list[Run] = field(init=False)
+
+    def __post_init__(self):
+        self.runs = [Run(name, seed, config, self.overrides) for name, config in self.experiments.items() for seed in self.seeds]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Study":
+        """Read and check a study file: every config exists, names its objective by a known class, and every
+        run a CKA pair names is one of the study's."""
+        path = Path(path)
+        if not path.is_file():
+            raise StudyError(f"No study file {path}; the studies that come with the code are in configs/studies/.")
+        spec = yaml.safe_load(path.read_text()) or {}
+        unknown = set(spec) - {"experiments", "seeds", "overrides", "report", "cka", "agreement"}
+        if unknown:
+            raise StudyError(f"{path}: unknown keys {sorted(unknown)}; a study has experiments, seeds, overrides, report, "
+                             f"cka and agreement.")
+        experiments: dict[str, Path] = {}
+        for config in spec.get("experiments") or []:
+            config = Path(config)
+            if not config.is_file():
+                raise StudyError(f"{path}: experiment config {config} does not exist (paths are relative to the "
+                                 f"repository root, where the study runs).")
+            if config.stem in experiments:
+                raise StudyError(f"{path}: two experiments are named {config.stem!r} ({experiments[config.stem]} and "
+                                 f"{config}); an experiment is named by its config's file name.")
+            _check_objective(config)
+            experiments[config.stem] = config
+        if not experiments:
+            raise StudyError(f"{path}: no experiments; list cli.py fit configs under `experiments:`.")
+        seeds = spec.get("seeds", [0])
+        if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds) or len(set(seeds)) < len(seeds):
+            raise StudyError(f"{path}: seeds must be distinct non-negative integers, got {seeds}.")
+        cka = None
+        if spec.get("cka"):
+            c = spec["cka"]
+            cka = CKAPlan(tuple(tuple(p) for p in c.get("pairs", [])), c.get("layer", "penultimate"), c.get("seed", seeds[0]))
+        study = cls(path, experiments, tuple(seeds), tuple(spec.get("overrides") or ()), Path(spec.get("report", "report")),
+                    cka, bool(spec.get("agreement", False)))
+        study._check_pairs()
+        return study
+
+    def run(self, name: str) -> Run:
+        """The run ``<experiment>/seed<k>`` (``@untrained`` allowed: the same run's architecture)."""
+        match = RUN_NAME.match(name)
+        if not match:
+            raise StudyError(f"{self.path}: {name!r} is not a run name; write <experiment>/seed<k>, e.g. "
+                             f"{next(iter(self.experiments))}/seed{self.seeds[0]}.")
+        found = [r for r in self.runs if r.experiment == match["experiment"] and r.seed == int(match["seed"])]
+        if not found:
+            raise StudyError(f"{self.path}: {name!r} is not one of the study's runs (experiments: "
+                             f"{', '.join(self.experiments)}; seeds: {list(self.seeds)}).")
+        return found[0]
+
+    def _check_pairs(self) -> None:
+        if self.cka is None:
+            return
+        for pair in self.cka.pairs:
+            if len(pair) != 2:
+                raise StudyError(f"{self.path}: a CKA pair names two runs, got {list(pair)}.")
+            for name in pair:
+                self.run(name)
+        if self.cka.seed not in self.seeds:
+            raise StudyError(f"{self.path}: cka.seed {self.cka.seed} is not one of the study's seeds {list(self.seeds)}.")
+
+
+def _check_objective(config: Path) -> None:
+    """An experiment's objective must be one of lightning_modules' classes, said now rather than after the
+    runs before it have trained."""
+    from lightning_modules import objective_classes
+
+    model = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
+    objective = model.get("objective")
+    if isinstance(objective, dict):
+        objective = objective.get("class_path")
+    if objective is None:
+        return  # the module's default (Softmax)
+    name = str(objective).rsplit(".", 1)[-1]
+    known = objective_classes()
+    if name not in known:
+        raise StudyError(f"{config}: unknown objective {objective!r}; choose one of {', '.join(sorted(known))}.")

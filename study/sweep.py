@@ -1,0 +1,88 @@
+"""Running a study's runs: locally one after another, or on SLURM as one array job with the analysis as a
+job that starts when every task has succeeded.
+
+A run whose folder holds ``checkpoints/finished.json`` for the same bounds (max_epochs, max_steps) is
+skipped; any other run is started with ``--ckpt_path=last``, which resumes it from its last checkpoint when
+it has one (a study interrupted part-way goes on where it stopped) and starts it afresh when not.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from callbacks.checkpoints import finished
+
+from .spec import Run, Study
+
+__all__ = ["RunState", "run_locally", "run_state", "submit_to_slurm"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class RunState:
+    run: Run
+    folder: Path
+    state: str  # "finished", "unfinished" (a checkpoint to resume from) or "new"
+
+
+def run_state(run: Run) -> RunState:
+    """Where ``run`` lives and how far it got."""
+    from cli import fit_config, run_folder
+
+    config = fit_config(run.fit_args())
+    folder = run_folder(config)
+    done = finished(folder)
+    if done is not None:
+        trainer = config.trainer
+        if (done.get("max_epochs"), done.get("max_steps")) == (trainer.max_epochs, trainer.max_steps):
+            return RunState(run, folder, "finished")
+    return RunState(run, folder, "unfinished" if (folder / "checkpoints" / "last.ckpt").is_file() else "new")
+
+
+def run_locally(study: Study, python: str = sys.executable) -> list[RunState]:
+    """Run every unfinished run of ``study`` in turn (``cli.py fit``, one process each); returns the runs
+    that failed. A failed run does not stop the others; the report lists it as missing."""
+    states = [run_state(r) for r in study.runs]
+    todo = [s for s in states if s.state != "finished"]
+    print(f"study {study.path}: {len(states)} runs, {len(states) - len(todo)} finished, {len(todo)} to run", flush=True)
+    failed = []
+    for number, state in enumerate(todo, 1):
+        verb = "resuming" if state.state == "unfinished" else "starting"
+        print(f"\n[{number}/{len(todo)}] {verb} {state.run.name} in {state.folder}", flush=True)
+        start = time.perf_counter()
+        result = subprocess.run([python, str(REPO / "cli.py"), "fit", *state.run.fit_args()])
+        print(f"[{number}/{len(todo)}] {state.run.name}: {'done' if result.returncode == 0 else 'FAILED'} "
+              f"in {time.perf_counter() - start:.0f} s", flush=True)
+        if result.returncode != 0:
+            failed.append(state)
+    return failed
+
+
+def submit_to_slurm(study: Study, sbatch_flags: list[str], analysis_flags: Optional[list[str]] = None) -> tuple[str, str]:
+    """Submit the study's runs as one array job (``slurm/sweep.sh``: a task per config x seed) and its analysis
+    (``slurm/analyse.sbatch``) to start once every task has succeeded (``--dependency=afterok``); returns
+    the two job ids. Finished runs are left out of the array."""
+    states = [run_state(r) for r in study.runs]
+    todo = [s.run for s in states if s.state != "finished"]
+    analysis = ["sbatch", "--parsable", *(analysis_flags or [])]
+    if todo:
+        seeds = sorted({r.seed for r in todo})
+        configs = sorted({str(r.config) for r in todo}, key=[str(c) for c in study.experiments.values()].index)
+        sweep = subprocess.run(
+            [str(REPO / "slurm" / "sweep.sh"), "--parsable", *sbatch_flags, f"--seeds={','.join(map(str, seeds))}",
+             *configs, *study.overrides],
+            check=True, capture_output=True, text=True, cwd=REPO,
+        )
+        array = sweep.stdout.strip().split(";")[0]
+        analysis.append(f"--dependency=afterok:{array}")
+    else:
+        array = ""
+    job = subprocess.run([*analysis, str(REPO / "slurm" / "analyse.sbatch"), str(study.path)],
+                         check=True, capture_output=True, text=True, cwd=REPO)
+    return array, job.stdout.strip().split(";")[0]
