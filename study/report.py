@@ -1,0 +1,407 @@
+"""The study's report: its runs' numbers in the layout of the paper's tables, with the statistics the
+paper uses, and its figures (Kornblith et al. 2021, Tables 1, 3, 4 and Figures 2-5).
+
+Written to one folder:
+- ``results.csv``: tidy, one row per run x evaluation x metric (experiment, run, objective, setting, seed,
+  epoch, step, metric, value);
+- ``report.md``: Table 1 (top-1 and linear / kNN transfer), Table 3 (class separation and sparsity) and,
+  when the study sweeps the cosine-softmax temperature, Table 4; each cell the mean ± standard error over
+  seeds of the runs' final evaluations; per column the best and every row not significantly different
+  from it (two-sided Welch's t-test, p ≥ 0.05) in bold; the paper's value beside each cell where the
+  setting is the paper's (ResNet-50 on ImageNet); Spearman's ρ (with p) between penultimate R² and mean
+  linear transfer accuracy over the experiments (Figure 5a) and within the temperature sweep (5b); the
+  runs that are missing, by name and reason;
+- ``figure2_cka.png`` (when the study computed CKA), ``figure3_sparsity_by_layer.png``,
+  ``figure4_r2_by_layer.png``, ``figure5_r2_vs_transfer.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from scipy import stats
+
+from callbacks.run_config import objective_slug
+
+from .runs import Collected, RunResult, group_experiments
+
+__all__ = ["Cell", "ReportError", "column", "spearman", "write_report"]
+
+PAPER_RESULTS = Path(__file__).resolve().parent / "paper_results.csv"  # the paper's tables as data
+# The paper's names of its eight transfer data sets, and names a config may give them.
+PAPER_DATASETS = {"food": "food", "food101": "food", "cifar10": "cifar10", "cifar100": "cifar100", "birdsnap": "birdsnap",
+                  "sun397": "sun397", "cars": "cars", "stanford_cars": "cars", "pets": "pets", "oxford_pets": "pets",
+                  "flowers": "flowers", "flowers102": "flowers", "oxford_flowers102": "flowers"}
+TOP1, R2_TRAIN, R2_VAL, NONZERO = "val/acc1", "class_separation/train/penultimate", "class_separation/val/penultimate", "relu_nonzero/penultimate"
+ALPHA = 0.05  # bold: not significantly different from the best at this level
+
+
+class ReportError(ValueError):
+    """Nothing to report."""
+
+
+@dataclass
+class Cell:
+    """One experiment's values of one column (one per seed), and how it compares with the column's best."""
+    values: list[float]
+    bold: bool = False
+    p_vs_best: Optional[float] = None
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values))
+
+    @property
+    def se(self) -> float:
+        """Standard error of the mean over seeds (sample standard deviation / sqrt(n)); nan for one seed."""
+        n = len(self.values)
+        return float(np.std(self.values, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+
+
+def column(cells: dict[str, Cell], higher_is_better: bool = True) -> dict[str, Cell]:
+    """Marks the best cell (by mean) and every cell not significantly different from it (two-sided Welch's
+    t-test, p ≥ ALPHA) bold. Cells of one seed cannot be tested: only the best is bold then."""
+    if not cells:
+        return cells
+    best_name = (max if higher_is_better else min)(cells, key=lambda k: cells[k].mean)
+    best = cells[best_name]
+    for name, cell in cells.items():
+        if name == best_name:
+            cell.bold, cell.p_vs_best = True, None
+            continue
+        if len(cell.values) < 2 or len(best.values) < 2:
+            cell.bold, cell.p_vs_best = False, None
+            continue
+        if np.ptp(cell.values) == 0 and np.ptp(best.values) == 0:  # no spread: t undefined; equal or not
+            p = 1.0 if cell.mean == best.mean else 0.0
+        else:
+            p = float(stats.ttest_ind(cell.values, best.values, equal_var=False).pvalue)
+        cell.bold, cell.p_vs_best = p >= ALPHA, p
+    return cells
+
+
+def spearman(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Spearman's ρ and its two-sided p-value (scipy), as Figure 5 reports them; nan below 3 points."""
+    if len(x) < 3:
+        return math.nan, math.nan
+    result = stats.spearmanr(x, y)
+    return float(result.statistic), float(result.pvalue)
+
+
+# --- reading the runs into tables ---
+
+def paper_values() -> dict[tuple[str, str, str], float]:
+    """(table, objective or objective@setting, metric) -> the paper's value."""
+    values = {}
+    with PAPER_RESULTS.open() as f:
+        for row in csv.DictReader(f):
+            key = row["objective"] + (f"@{row['setting']}" if row["setting"] else "")
+            values[(row["table"], key, row["metric"])] = float(row["value"])
+    return values
+
+
+def is_paper_setting(run: RunResult) -> bool:
+    """ResNet-50 trained on ImageNet's 1000 classes: the setting the paper's numbers are for."""
+    return run.hparams.get("backbone") == "resnet50" and run.hparams.get("num_classes") == 1000
+
+
+def transfer_datasets(runs: list[RunResult]) -> list[str]:
+    names: list[str] = []
+    for run in runs:
+        for tag in run.final:
+            if tag.startswith("probe/") and tag.endswith("/linear_acc") and tag.split("/")[1] not in names:
+                names.append(tag.split("/")[1])
+    return names
+
+
+def mean_linear(run: RunResult, datasets: list[str], kind: str = "linear") -> float:
+    """The run's transfer accuracy averaged over the data sets (nan if one is missing)."""
+    values = [run.final.get(f"probe/{d}/{kind}_acc", math.nan) for d in datasets]
+    return float(np.mean(values)) if values else math.nan
+
+
+def setting_label(run: RunResult) -> str:
+    return ", ".join(f"{k}={v}" for k, v in run.setting.items() if not isinstance(v, dict))
+
+
+@dataclass
+class Column:
+    title: str
+    value: object  # RunResult -> float
+    paper_metric: Optional[str] = None
+    percent: bool = False
+    higher_is_better: Optional[bool] = True  # None: no bold (a property, not a score)
+
+
+def table(groups: dict[str, list[RunResult]], columns: list[Column], paper: dict, paper_table: str,
+          row_key, row_label) -> list[str]:
+    """A markdown table: a row per experiment, a cell per column (mean ± s.e. over seeds, bold as ``column``),
+    the paper's value in brackets where the setting is the paper's."""
+    cells_by_column = []
+    for col in columns:
+        cells = {}
+        for name, runs in groups.items():
+            values = [float(col.value(r)) for r in runs]
+            values = [v for v in values if math.isfinite(v)]
+            if values:
+                cells[name] = Cell(values)
+        if col.higher_is_better is not None:
+            column(cells, col.higher_is_better)
+        cells_by_column.append(cells)
+    lines = ["| " + " | ".join(["Objective", "seeds", *[c.title for c in columns]]) + " |",
+             "|" + "---|" * (len(columns) + 2)]
+    for name, runs in groups.items():
+        row = [row_label(name, runs), str(len(runs))]
+        for col, cells in zip(columns, cells_by_column):
+            cell = cells.get(name)
+            if cell is None:
+                row.append("–")
+                continue
+            scale = 100.0 if col.percent else 1.0
+            digits = 1 if col.percent else 3
+            text = f"{scale * cell.mean:.{digits}f}"
+            if len(cell.values) > 1:
+                text += f" ± {scale * cell.se:.{digits}f}"
+            if cell.bold:
+                text = f"**{text}**"
+            reference = paper.get((paper_table, row_key(runs[0]), col.paper_metric)) if col.paper_metric else None
+            if reference is not None and is_paper_setting(runs[0]):
+                text += f" ({reference:g})"
+            row.append(text)
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _final(tag: str):
+    return lambda run: run.final.get(tag, math.nan)
+
+
+def write_report(collected: Collected, out: Path, title: str = "Study", cka: Optional[dict] = None) -> Path:
+    """Write results.csv, report.md and the figures of ``collected`` runs into ``out``; returns report.md."""
+    if not collected.runs:
+        where = "\n".join(f"  {p}" for p in collected.looked_in[:20]) or "  (nowhere: the study lists no runs)"
+        missing = "".join(f"\n  {name}: {why}" for name, why in collected.missing[:20])
+        raise ReportError(f"No finished run with measurements to report. Looked in:\n{where}{missing}")
+    groups = group_experiments(collected.runs)
+    out.mkdir(parents=True, exist_ok=True)
+    write_results_csv(collected.runs, out / "results.csv")
+    paper = paper_values()
+    datasets = transfer_datasets(collected.runs)
+    sweep = temperature_sweep(groups)
+    main = {k: v for k, v in groups.items() if k not in sweep} if len(sweep) > 1 and len(groups) > len(sweep) else groups
+
+    lines = [f"# {title}", ""]
+    seeds = sorted({r.seed for r in collected.runs})
+    lines += [f"{len(collected.runs)} runs of {len(groups)} experiments, seeds {seeds}; each cell: the mean ± standard "
+              f"error over seeds of the run's last evaluation. **Bold**: the best of the column and every row not "
+              f"significantly different from it (two-sided Welch's t-test, p ≥ {ALPHA}; rows with one seed are not "
+              f"tested). In brackets: the paper's value, where the setting is the paper's (ResNet-50 on ImageNet).", ""]
+    if collected.missing:
+        lines += ["**Missing runs** (not in any average):", ""]
+        lines += [f"- {name}: {why}" for name, why in collected.missing] + [""]
+    uneven = {k: len(v) for k, v in groups.items() if len(v) != max(len(g) for g in groups.values())}
+    if uneven:
+        lines += [f"Partial: experiments with fewer seeds than the others: {uneven}.", ""]
+
+    def by_objective(run):
+        return run.objective
+
+    def label(name, runs):  # the paper's name when the experiment is the objective's own
+        return runs[0].objective if name == objective_slug(runs[0].objective) else f"{name} ({runs[0].objective})"
+
+    linear = [Column("Top-1", _final(TOP1), "imagenet_top1", percent=True)]
+    linear += [Column(d, _final(f"probe/{d}/linear_acc"), f"linear_{PAPER_DATASETS.get(d, d)}", percent=True) for d in datasets]
+    if datasets:
+        linear.append(Column("Avg", lambda r: mean_linear(r, datasets), None, percent=True))
+    lines += ["## Table 1: ImageNet top-1 and linear transfer accuracy (%)", ""]
+    lines += table(main, linear, paper, "table1", by_objective, label) + [""]
+    if datasets:
+        knn = [Column(d, _final(f"probe/{d}/knn_acc"), f"knn_{PAPER_DATASETS.get(d, d)}", percent=True) for d in datasets]
+        knn.append(Column("Avg", lambda r: mean_linear(r, datasets, "knn"), None, percent=True))
+        lines += ["## Table 1 (continued): k-nearest-neighbour transfer accuracy (%)", ""]
+        lines += table(main, knn, paper, "table1", by_objective, label) + [""]
+
+    separation = [Column("R² train (penultimate)", _final(R2_TRAIN), "class_separation_r2_train", higher_is_better=None),
+                  Column("R² val (penultimate)", _final(R2_VAL), higher_is_better=None),
+                  Column("non-zero (penultimate)", _final(NONZERO), higher_is_better=None)]
+    lines += ["## Table 3: class separation R² and ReLU sparsity of the penultimate layer", ""]
+    lines += table(main, separation, paper, "table3", by_objective, label) + [""]
+
+    figures = [figure_by_layer(groups, "relu_nonzero/", "fraction of non-zero activations", out / "figure3_sparsity_by_layer.png",
+                               "Figure 3: sparsity by layer (validation)"),
+               figure_by_layer(groups, "class_separation/train/", "class separation R² (training images)",
+                               out / "figure4_r2_by_layer.png", "Figure 4: R² by layer")]
+    lines += ["## Figure 5: class separation against transfer", ""]
+    points = {name: (np.mean([r.final.get(R2_TRAIN, math.nan) for r in runs]),
+                     np.mean([mean_linear(r, datasets) for r in runs])) for name, runs in main.items()} if datasets else {}
+    rho, p = spearman([v[0] for v in points.values()], [v[1] for v in points.values()]) if points else (math.nan, math.nan)
+    lines += [f"Figure 5a, over the {len(points)} experiments: Spearman ρ(penultimate R² on the training set, mean linear "
+              f"transfer accuracy) = {rho:.2f} (p = {p:.3g}); the paper: ρ = −0.93 (p = 0.002) over its nine objectives.", ""]
+    if len(sweep) > 1:
+        lines += table_four(sweep, datasets, paper)
+    if points:
+        figures.append(figure_five(points, {n: main[n][0] for n in points}, paper, out / "figure5_r2_vs_transfer.png", rho, p))
+    if cka:
+        figures.append(figure_two(cka, out / "figure2_cka.png"))
+        lines += cka_section(cka)
+    lines += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures if f is not None] + [""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def temperature_sweep(groups: dict[str, list[RunResult]]) -> dict[str, list[RunResult]]:
+    """Cosine-softmax experiments by temperature (Table 4), when the study has more than one temperature."""
+    cosine = {k: v for k, v in groups.items() if v[0].objective == "CosineSoftmax" and "temperature" in v[0].setting}
+    temperatures = {v[0].setting["temperature"] for v in cosine.values()}
+    return dict(sorted(cosine.items(), key=lambda kv: kv[1][0].setting["temperature"])) if len(temperatures) > 1 else {}
+
+
+def table_four(sweep: dict[str, list[RunResult]], datasets: list[str], paper: dict) -> list[str]:
+    columns = [Column("Top-1", _final(TOP1), "imagenet_top1", percent=True),
+               Column("R² train", _final(R2_TRAIN), "class_separation_r2_train", higher_is_better=None)]
+    columns += [Column(d, _final(f"probe/{d}/linear_acc"), f"linear_{PAPER_DATASETS.get(d, d)}", percent=True) for d in datasets]
+    lines = ["## Table 4: cosine softmax temperature", ""]
+    lines += table(sweep, columns, paper, "table4", lambda r: f"CosineSoftmax@tau={r.setting['temperature']:g}",
+                   lambda name, runs: f"τ = {runs[0].setting['temperature']:g}") + [""]
+    if datasets:
+        x = [np.mean([r.final.get(R2_TRAIN, math.nan) for r in runs]) for runs in sweep.values()]
+        y = [np.mean([mean_linear(r, datasets) for r in runs]) for runs in sweep.values()]
+        rho, p = spearman(x, y)
+        lines += [f"Figure 5b, within the temperature sweep ({len(x)} temperatures): Spearman ρ(R², mean linear transfer) "
+                  f"= {rho:.2f} (p = {p:.3g}).", ""]
+    return lines
+
+
+def write_results_csv(runs: list[RunResult], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["experiment", "run", "objective", "setting", "seed", "epoch", "step", "metric", "value"])
+        for run in runs:
+            for evaluation in run.evaluations:
+                for metric, value in evaluation["measurements"].items():
+                    writer.writerow([run.experiment, run.name, run.objective, setting_label(run), run.seed,
+                                     evaluation["epoch"], evaluation["step"], metric, repr(float(value))])
+
+
+# --- figures ---
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_by_layer(groups, prefix: str, ylabel: str, path: Path, title: str) -> Optional[Path]:
+    """One line per experiment over the layers in forward order, the mean over its seeds (Figures 3, 4)."""
+    plt = _pyplot()
+    series = {}
+    for name, runs in groups.items():
+        layers = [t[len(prefix):] for t in runs[0].final if t.startswith(prefix) and "/" not in t[len(prefix):]]
+        if layers:
+            series[name] = (layers, [np.mean([r.final.get(prefix + l, math.nan) for r in runs]) for l in layers])
+    if not series:
+        return None
+    layers = max((v[0] for v in series.values()), key=len)
+    figure, ax = plt.subplots(figsize=(max(5.0, 0.4 * len(layers)), 3.6))
+    for name, (names, values) in series.items():
+        ax.plot([layers.index(n) for n in names], values, marker="o", markersize=3, label=name)
+    ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def figure_five(points: dict[str, tuple[float, float]], examples: dict[str, RunResult], paper: dict, path: Path,
+                rho: float, p: float) -> Path:
+    """Mean linear transfer accuracy against penultimate R², one point per experiment (Figure 5a), beside the
+    paper's nine objectives (Table 3's R², Table 1's average over its eight data sets)."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(9.0, 3.8))
+    ax = axes[0]
+    for name, (x, y) in points.items():
+        ax.scatter(x, 100 * y)
+        ax.annotate(name, (x, 100 * y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("penultimate R² (training set)")
+    ax.set_ylabel("mean linear transfer accuracy (%)")
+    ax.set_title(f"this study: ρ = {rho:.2f} (p = {p:.2g})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    objectives = sorted({k[1] for k in paper if k[0] == "table3"})
+    datasets = sorted({PAPER_DATASETS[d] for d in PAPER_DATASETS})
+    xs = [paper[("table3", o, "class_separation_r2_train")] for o in objectives]
+    ys = [np.mean([paper[("table1", o, f"linear_{d}")] for d in datasets]) for o in objectives]
+    ax.scatter(xs, ys, color="grey")
+    for o, x, y in zip(objectives, xs, ys):
+        ax.annotate(o, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("penultimate R² (ImageNet training set)")
+    ax.set_title("the paper (ResNet-50, ImageNet): ρ = −0.93", fontsize=9)
+    ax.grid(alpha=0.3)
+    figure.suptitle("Figure 5: class separation against transfer", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def figure_two(cka: dict, path: Path) -> Path:
+    """Block x block CKA heatmaps of the chosen pairs (Figure 2a) and the experiment x experiment matrix of one
+    layer's CKA (Figure 2b)."""
+    plt = _pyplot()
+    pairs = cka.get("pairs", [])
+    panels = len(pairs) + (1 if cka.get("matrix") else 0)
+    figure, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.6), squeeze=False)
+    for ax, pair in zip(axes[0], pairs):
+        image = ax.imshow(np.array(pair["cka"]), vmin=0, vmax=1, cmap="magma", origin="lower")
+        ax.set_xlabel(pair["b"], fontsize=7)
+        ax.set_ylabel(pair["a"], fontsize=7)
+        ax.set_xticks(range(len(pair["layers_b"])), pair["layers_b"], rotation=90, fontsize=5)
+        ax.set_yticks(range(len(pair["layers_a"])), pair["layers_a"], fontsize=5)
+    if cka.get("matrix"):
+        matrix = cka["matrix"]
+        ax = axes[0][-1]
+        image = ax.imshow(np.array(matrix["cka"]), vmin=0, vmax=1, cmap="magma")
+        names = matrix["runs"]
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=5)
+        ax.set_yticks(range(len(names)), names, fontsize=5)
+        ax.set_title(f"CKA of {matrix['layer']}", fontsize=8)
+    figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    figure.suptitle("Figure 2: linear CKA (minibatch, unbiased HSIC)", fontsize=10)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def cka_section(cka: dict) -> list[str]:
+    lines = ["## Figure 2: between-model CKA", ""]
+    for pair in cka.get("pairs", []):
+        diagonal = np.diag(np.array(pair["cka"])) if len(pair["layers_a"]) == len(pair["layers_b"]) else []
+        summary = (f"diagonal from {diagonal[0]:.2f} ({pair['layers_a'][0]}) to {diagonal[-1]:.2f} ({pair['layers_a'][-1]})"
+                   if len(diagonal) else "")
+        lines.append(f"- {pair['a']} vs {pair['b']}: {summary}")
+    if cka.get("matrix"):
+        m = cka["matrix"]
+        off = np.array(m["cka"])[~np.eye(len(m["runs"]), dtype=bool)]
+        lines.append(f"- {m['layer']} CKA between the {len(m['runs'])} runs of seed {m.get('seed')}: {off.min():.2f} to "
+                     f"{off.max():.2f} (mean {off.mean():.2f})")
+    if cka.get("agreement"):
+        lines += ["", "Prediction agreement (Figure C.4) on validation, pairs of the matrix's runs:", "",
+                  "| pair | agreement | both right or both wrong | same wrong prediction, among both wrong |", "|---|---|---|---|"]
+        for row in cka["agreement"]:
+            lines.append(f"| {row['a']} vs {row['b']} | {row['agreement']:.3f} | {row['both_right_or_both_wrong']:.3f} | "
+                         f"{row['shared_wrong']:.3f} |")
+    return lines + [""]
