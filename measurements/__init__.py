@@ -9,6 +9,8 @@ from .relu_sparsity import NonzeroFraction, relu_nonzero_fraction
 from .neural_collapse import NeuralCollapseStats, neural_collapse_statistics
 from .calibration import calibration_statistics, expected_calibration_error, fit_temperature, negative_log_likelihood, probabilities
 from .probes import KnnProbeResult, LinearProbeResult, knn_probe, linear_probe, score
+from .cka import MinibatchCKA, feature_space_cka, gram, linear_cka, unbiased_hsic
+from .agreement import PredictionAgreement, prediction_agreement
 
 __all__ = [
     "class_separation", "class_separation_from_sums", "ClassSeparation",
@@ -16,4 +18,6 @@ __all__ = [
     "NeuralCollapseStats", "neural_collapse_statistics",
     "calibration_statistics", "expected_calibration_error", "fit_temperature", "negative_log_likelihood", "probabilities",
     "linear_probe", "knn_probe", "score", "LinearProbeResult", "KnnProbeResult",
+    "gram", "unbiased_hsic", "linear_cka", "feature_space_cka", "MinibatchCKA",
+    "prediction_agreement", "PredictionAgreement",
 ]
