@@ -161,8 +161,8 @@ class ObjectiveClassifier(L.LightningModule):
 
     def configure_model(self) -> None:
         # Before the strategy moves the module and DDP builds its gradient buckets, which take the
-        # parameters' layout as it is then.
-        if isinstance(self.trainer.accelerator, CUDAAccelerator):
+        # parameters' layout as it is then. ``load_from_checkpoint`` calls this hook without a trainer.
+        if self._trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator):
             for net in [self.network, self.ema]:
                 if net is not None:
                     net.to(memory_format=torch.channels_last)

@@ -335,16 +335,21 @@ def objective_classes() -> dict[str, type[Objective]]:
     return found
 
 
-def make_objective(spec: Objective | str | None) -> Objective:
-    """An objective instance from an instance, a class name (with default hyper-parameters) or None (Softmax)."""
+def make_objective(spec: Objective | str | dict | None) -> Objective:
+    """An objective instance from an instance, a class name (with default hyper-parameters), the
+    {class_path, init_args} a run's hparams record (``Objective.config``), or None (Softmax)."""
     if spec is None:
         return Softmax()
     if isinstance(spec, Objective):
         return spec
+    args = {}
+    if isinstance(spec, dict):  # a checkpoint's hparams: load_from_checkpoint builds the module from them
+        spec, args = str(spec["class_path"]).rsplit(".", 1)[-1], dict(spec.get("init_args") or {})
+        args = {k: make_objective(v) if isinstance(v, dict) and "class_path" in v else v for k, v in args.items()}
     classes = objective_classes()
     if spec not in classes:
         raise ValueError(
             f"Unknown objective {spec!r}. Valid objectives: {', '.join(classes)}. "
             f"Name one by class, e.g. --model.objective=CosineSoftmax --model.objective.temperature=0.05."
         )
-    return classes[spec]()
+    return classes[spec](**args)

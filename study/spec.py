@@ -13,6 +13,8 @@
         - [softmax/seed0, softmax/seed0@untrained]  # control: an untrained network, BN moments of training images
       layer: penultimate    # the objective x objective matrix of this layer's CKA (Figure 2b)
       seed: 0               # ... between the experiments' runs of this seed
+      batch_size: 250       # images per CKA minibatch (the paper: 1,500)
+      images: null          # the first this many validation images (all by default)
     agreement: true         # prediction agreement between the matrix's runs (Figure C.4)
 
 A run is ``<experiment>/seed<k>``; it lives in the folder ``cli.py fit`` names for it (``cli.run_folder``).
@@ -48,9 +50,13 @@ class Run:
     def name(self) -> str:
         return f"{self.experiment}/seed{self.seed}"
 
+    def config_args(self) -> list[str]:
+        """The arguments that make its config (``cli.fit_config``)."""
+        return ["--config", str(self.config), f"--seed_everything={self.seed}", *self.overrides]
+
     def fit_args(self) -> list[str]:
-        """``cli.py fit`` arguments that run (or resume) it."""
-        return ["--config", str(self.config), f"--seed_everything={self.seed}", *self.overrides, "--ckpt_path=last"]
+        """``cli.py fit`` arguments that run it, or resume it from its last checkpoint."""
+        return [*self.config_args(), "--ckpt_path=last"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,8 @@ class CKAPlan:
     pairs: tuple[tuple[str, str], ...] = ()
     layer: Optional[str] = "penultimate"
     seed: int = 0
+    batch_size: int = 250  # images per minibatch (the paper: 1,500)
+    images: Optional[int] = None  # the first this many validation images; all by default
 
 
 @dataclass
@@ -105,7 +113,11 @@ class Study:
         cka = None
         if spec.get("cka"):
             c = spec["cka"]
-            cka = CKAPlan(tuple(tuple(p) for p in c.get("pairs", [])), c.get("layer", "penultimate"), c.get("seed", seeds[0]))
+            unknown = set(c) - {"pairs", "layer", "seed", "batch_size", "images"}
+            if unknown:
+                raise StudyError(f"{path}: unknown cka keys {sorted(unknown)}; cka has pairs, layer, seed, batch_size, images.")
+            cka = CKAPlan(tuple(tuple(p) for p in c.get("pairs", [])), c.get("layer", "penultimate"), c.get("seed", seeds[0]),
+                          c.get("batch_size", 250), c.get("images"))
         study = cls(path, experiments, tuple(seeds), tuple(spec.get("overrides") or ()), Path(spec.get("report", "report")),
                     cka, bool(spec.get("agreement", False)))
         study._check_pairs()

@@ -35,7 +35,7 @@ def run_state(run: Run) -> RunState:
     """Where ``run`` lives and how far it got."""
     from cli import fit_config, run_folder
 
-    config = fit_config(run.fit_args())
+    config = fit_config(run.config_args())
     folder = run_folder(config)
     done = finished(folder)
     if done is not None:

@@ -1,0 +1,167 @@
+"""``python -m study {run,submit,analyse,report,cka} --help``: a study from its YAML file to its report.
+
+    python -m study run configs/studies/embedded.yaml        # every run, one after another, then the analysis
+    python -m study submit configs/studies/imagenet.yaml --sbatch "[--partition=gpu]"   # SLURM array + analysis job
+    python -m study analyse configs/studies/embedded.yaml    # CKA and agreement (Trainer), then the report
+    python -m study report configs/studies/embedded.yaml     # the report alone, from what the runs measured
+    python -m study cka --pairs "[[runs/a/seed0, runs/b/seed0]]" --out cka/   # CKA of any checkpoints
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from jsonargparse import CLI
+
+from .spec import Study
+
+
+def run(study: str, analyse_after: bool = True) -> None:
+    """Run every unfinished run of ``study`` here, one after another (finished ones are skipped, unfinished
+    ones resumed), then its analysis (``analyse``).
+
+    Args:
+        study: the study file (configs/studies/*.yaml).
+        analyse_after: run the analysis once every run has finished.
+    """
+    from .sweep import run_locally
+
+    spec = Study.load(study)
+    start = time.perf_counter()
+    failed = run_locally(spec)
+    print(f"\nstudy runs: {time.perf_counter() - start:.0f} s", flush=True)
+    if failed:
+        print(f"{len(failed)} runs failed: {', '.join(s.run.name for s in failed)} (their output is above; the report "
+              f"lists them as missing)", file=sys.stderr, flush=True)
+    if analyse_after:
+        analyse(study)
+    if failed:
+        sys.exit(1)
+
+
+def submit(study: str, sbatch: Optional[list[str]] = None, analysis_sbatch: Optional[list[str]] = None) -> None:
+    """Submit ``study`` to SLURM: its unfinished runs as one array job (a task per config x seed, each as
+    slurm/train.sbatch runs one) and its analysis (slurm/analyse.sbatch) to start when every task has
+    succeeded (--dependency=afterok).
+
+    Args:
+        study: the study file.
+        sbatch: sbatch flags for the array, e.g. [--partition=gpu, --nodes=2].
+        analysis_sbatch: sbatch flags for the analysis job.
+    """
+    from .sweep import submit_to_slurm
+
+    array, analysis = submit_to_slurm(Study.load(study), list(sbatch or []), list(analysis_sbatch or []))
+    print(f"array job {array or '(none: every run has finished)'}; analysis job {analysis}"
+          f"{' after it' if array else ''}; logs in slurm/logs/")
+
+
+def analyse(study: str, accelerator: str = "auto", devices: str = "auto", num_nodes: int = 1) -> None:
+    """The study's between-model comparisons (CKA, prediction agreement) on Lightning's Trainer (N devices,
+    SLURM under srun), written to <report>/cka.json, then the report.
+
+    Args:
+        study: the study file.
+        accelerator: Trainer accelerator for the comparison pass.
+        devices: Trainer devices (processes) for the comparison pass.
+        num_nodes: Trainer nodes.
+    """
+    import lightning as L
+
+    from .runs import collect
+
+    spec = Study.load(study)
+    collected = collect(spec)
+    cka = None
+    if spec.cka is not None and collected.runs:
+        from .compare import compare
+
+        folders = {r.name: r.folder for r in collected.runs}
+        pairs = [p for p in spec.cka.pairs if all(n.split("@")[0] in folders for n in p)]
+        matrix = [n for n in folders if n.endswith(f"/seed{spec.cka.seed}")] if spec.cka.layer else []
+        names = {n for p in pairs for n in p} | set(matrix)
+        networks = {n: str(folders[n.split("@")[0]]) + ("@untrained" if n.endswith("@untrained") else "") for n in sorted(names)}
+        trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False)
+        start = time.perf_counter()
+        cka = compare(networks, pairs, matrix, spec.cka.layer, agreement=spec.agreement, batch_size=spec.cka.batch_size,
+                      images=spec.cka.images, trainer=trainer)
+        if not trainer.is_global_zero:
+            return
+        skipped = [p for p in spec.cka.pairs if p not in pairs]
+        cka["skipped_pairs"] = [list(p) for p in skipped]
+        spec.report.mkdir(parents=True, exist_ok=True)
+        (spec.report / "cka.json").write_text(json.dumps(cka, indent=1))
+        print(f"CKA and agreement of {len(networks)} networks: {time.perf_counter() - start:.0f} s", flush=True)
+    report(study, cka_file=str(spec.report / "cka.json") if cka else None)
+
+
+def report(study: Optional[str] = None, runs: Optional[str] = None, out: Optional[str] = None,
+           cka_file: Optional[str] = None) -> None:
+    """Write a study's report (results.csv, report.md, figures) from its runs' measurements.
+
+    Args:
+        study: the study file; or
+        runs: a folder of runs laid out as <experiment>/seed<k>, for runs made without a study file.
+        out: the report's folder (default: the study's ``report``, or <runs>/report).
+        cka_file: CKA results to draw Figure 2 from (default: <out>/cka.json when present).
+    """
+    from .report import write_report
+    from .runs import collect, collect_folder
+
+    if (study is None) == (runs is None):
+        raise SystemExit("report: give a study file or --runs <folder>, one of them.")
+    spec = Study.load(study) if study else None
+    collected = collect(spec) if spec else collect_folder(Path(runs))
+    folder = Path(out) if out else (spec.report if spec else Path(runs) / "report")
+    cka_path = Path(cka_file) if cka_file else folder / "cka.json"
+    cka = json.loads(cka_path.read_text()) if cka_path.is_file() else None
+    start = time.perf_counter()
+    path = write_report(collected, folder, title=f"Study {spec.path.stem}" if spec else f"Runs in {runs}", cka=cka)
+    print(f"report: {path} ({len(collected.runs)} runs, {len(collected.missing)} missing; {time.perf_counter() - start:.1f} s)")
+
+
+def cka(pairs: Optional[list[tuple[str, str]]] = None, out: str = "cka", matrix: Optional[list[str]] = None, layer: str = "penultimate",
+        agreement: bool = False, batch_size: int = 250, images: Optional[int] = None, accelerator: str = "auto",
+        devices: str = "auto", num_nodes: int = 1) -> None:
+    """Block x block CKA between pairs of checkpoints (Figure 2a), optionally one layer's CKA between every two
+    of ``matrix`` (Figure 2b) and their prediction agreement, on the first run's validation images; writes
+    <out>/cka.json and <out>/figure2_cka.png.
+
+    Args:
+        pairs: pairs of run folders or .ckpt files (``<ref>@untrained``: the same architecture untrained, its
+            batch-norm moments computed on training images).
+        out: folder for the results.
+        matrix: run folders or .ckpt files compared at ``layer``.
+        layer: the matrix's layer (a block name or penultimate).
+        agreement: prediction agreement between every two of ``matrix``.
+        batch_size: images per CKA minibatch (> 3; the paper uses 1,500).
+        images: the first this many validation images (all by default).
+    """
+    import lightning as L
+
+    from .compare import compare
+    from .report import figure_two
+
+    pairs = pairs or []
+    names = list(dict.fromkeys([*(n for p in pairs for n in p), *(matrix or [])]))
+    if not names:
+        raise SystemExit("cka: name --pairs and/or --matrix (run folders or .ckpt files).")
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False)
+    results = compare({n: n for n in names}, [tuple(p) for p in pairs], matrix or [], layer, agreement,
+                      batch_size=batch_size, images=images, trainer=trainer)
+    if trainer.is_global_zero:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "cka.json").write_text(json.dumps(results, indent=1))
+        figure_two(results, folder / "figure2_cka.png")
+        print(f"CKA: {folder / 'cka.json'}, {folder / 'figure2_cka.png'}")
+
+
+if __name__ == "__main__":
+    CLI([run, submit, analyse, report, cka])

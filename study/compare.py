@@ -1,0 +1,273 @@
+"""Between-model passes on Lightning's Trainer: CKA between every block of two networks (Figure 2a), one
+layer's CKA between many networks (Figure 2b), and prediction agreement (Figure C.4).
+
+All networks see the same validation images in one pass. Each network's block outputs (hooked after the
+block's final ReLU) and penultimate features are reduced to Gram matrices inside the forward hooks (so an
+in-place ReLU later in the network cannot change what was captured, and no activations are held), each
+computed once per batch and shared by every comparison that needs it (``measurements.MinibatchCKA``).
+
+The images are cut into fixed batches of ``batch_size`` consecutive validation images, and process r of W
+takes batches r, r + W, ...: every batch is whole on one process and the metrics' sums are the same for any
+number of processes (the minibatch estimate depends on how the images are batched, so that must not
+change with the GPU count). ``Trainer.validate`` runs the pass, so the same command uses N GPUs or SLURM.
+
+A run is named by its folder (``last.ckpt``'s evaluated weights: the EMA when on) or a ``.ckpt`` file;
+``<ref>@untrained`` is the same architecture freshly initialised, with its batch-norm moments computed on
+training images (the paper's second control in Figure 2).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import numpy as np
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+
+from lightning_modules import ObjectiveClassifier
+from measurements import MinibatchCKA, PredictionAgreement, gram
+
+__all__ = ["Comparison", "ComparisonError", "compare", "load_network", "recompute_batch_norm"]
+
+PENULTIMATE = "penultimate"
+UNTRAINED = "@untrained"
+
+
+class ComparisonError(ValueError):
+    """Networks that cannot be compared, said before the pass starts."""
+
+
+@dataclass
+class Loaded:
+    name: str
+    module: ObjectiveClassifier
+    source: Path  # the checkpoint
+    untrained: bool
+
+    @property
+    def architecture(self) -> tuple:
+        hp = self.module.hparams
+        return hp.backbone, hp.backbone_source, hp.num_classes
+
+    @property
+    def layers(self) -> list[str]:
+        return [*self.module.eval_network.blocks(), PENULTIMATE]
+
+
+def checkpoint_of(ref: str) -> tuple[Path, bool]:
+    """(checkpoint file, untrained?) of a run folder or a .ckpt, with an optional ``@untrained``."""
+    untrained = ref.endswith(UNTRAINED)
+    path = Path(ref[: -len(UNTRAINED)] if untrained else ref)
+    checkpoint = path if path.suffix == ".ckpt" else path / "checkpoints" / "last.ckpt"
+    if not checkpoint.is_file():
+        raise ComparisonError(f"{ref}: no checkpoint {checkpoint}; name a run folder that holds checkpoints/last.ckpt, "
+                              f"or a .ckpt file.")
+    return checkpoint, untrained
+
+
+def run_folder_of(checkpoint: Path) -> Path:
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def load_network(name: str, ref: str, seed: int = 0) -> Loaded:
+    checkpoint, untrained = checkpoint_of(ref)
+    module = ObjectiveClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
+    if untrained:
+        torch.manual_seed(seed)  # the untrained control is a function of its seed
+        module = ObjectiveClassifier(**{**module.hparams, "objective": module.objective})
+    module.eval()
+    return Loaded(name, module, checkpoint, untrained)
+
+
+def data_module_of(run: Path):
+    """The run's data module, built from the ``data`` section of its config.yaml."""
+    config = run / "config.yaml"
+    if not config.is_file():
+        raise ComparisonError(f"{run} has no config.yaml to take the data from; pass the data config explicitly.")
+    data = yaml.safe_load(config.read_text())["data"]
+    parser = ArgumentParser()
+    from datamodules import ImageClassificationData
+
+    parser.add_subclass_arguments(ImageClassificationData, "data")
+    return parser.instantiate_classes(parser.parse_object({"data": data})).data
+
+
+def recompute_batch_norm(network: torch.nn.Module, batches) -> None:
+    """Batch-norm running moments of ``network`` replaced by the cumulative average over ``batches`` of
+    images (reset, momentum None, train mode, no gradients; then eval): the statistics an untrained
+    network (or interpolated weights) would have on those images, never inherited ones."""
+    norms = [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: the plain mean over the batches
+    was_training = network.training
+    network.train()
+    with torch.no_grad():
+        for images in batches:
+            network(images)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    network.train(was_training)
+
+
+class Comparison(L.LightningModule):
+    """One validation pass of every network, feeding the CKA and agreement metrics (module docstring).
+
+    Args:
+        networks: the loaded networks, by name.
+        pairs: (a, b) names whose every layer is compared with every layer (Figure 2a).
+        matrix_layer: the layer compared between every two of ``matrix`` (Figure 2b), or None.
+        matrix: names of the networks of the matrix (and of prediction agreement).
+        agreement: prediction agreement between every two of ``matrix``.
+        bn_images: training images the untrained networks' batch-norm moments are computed on.
+    """
+
+    def __init__(self, networks: list[Loaded], pairs: list[tuple[str, str]], matrix_layer: Optional[str],
+                 matrix: list[str], agreement: bool, bn_images: int = 2000):
+        super().__init__()
+        self.bn_images = bn_images
+        self.loaded = {n.name: n for n in networks}
+        self.classifiers = torch.nn.ModuleDict({n.name: n.module for n in networks})
+        self.pairs, self.matrix, self.matrix_layer = pairs, matrix, matrix_layer
+        self.pair_cka = torch.nn.ModuleList(
+            MinibatchCKA(len(self.loaded[a].layers), len(self.loaded[b].layers)) for a, b in pairs)
+        self.matrix_cka = MinibatchCKA(len(matrix), len(matrix)) if matrix_layer and matrix else None
+        self.agreement_pairs = list(itertools.combinations(matrix, 2)) if agreement else []
+        self.agreement = torch.nn.ModuleList(PredictionAgreement() for _ in self.agreement_pairs)
+        # Which layers' Gram matrices each network must give per batch.
+        self.needed = {name: set() for name in self.loaded}
+        for a, b in pairs:
+            self.needed[a].update(self.loaded[a].layers)
+            self.needed[b].update(self.loaded[b].layers)
+        if self.matrix_cka is not None:
+            for name in matrix:
+                self.needed[name].add(matrix_layer)
+        self.results: dict = {}
+
+    def on_validation_start(self) -> None:
+        for loaded in self.loaded.values():
+            if loaded.untrained:  # the same images on every process, so every process gets the same moments
+                recompute_batch_norm(loaded.module.eval_network, self.trainer.datamodule.training_images(self.bn_images))
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        grams, predictions = {}, {}
+        for name, loaded in self.loaded.items():
+            grams[name], logits = self._forward(loaded, images)
+            predictions[name] = logits.argmax(1)
+        for (a, b), metric in zip(self.pairs, self.pair_cka):
+            metric.update(torch.stack([grams[a][l] for l in self.loaded[a].layers]),
+                          torch.stack([grams[b][l] for l in self.loaded[b].layers]))
+        if self.matrix_cka is not None:
+            self.matrix_cka.update(torch.stack([grams[n][self.matrix_layer] for n in self.matrix]))
+        for (a, b), metric in zip(self.agreement_pairs, self.agreement):
+            metric.update(predictions[a], predictions[b], labels)
+
+    def _forward(self, loaded: Loaded, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        network, needed, grams = loaded.module.eval_network, self.needed[loaded.name], {}
+
+        def hook(name):
+            def reduce(_module, _inputs, output):
+                with torch.autocast(output.device.type, enabled=False):
+                    grams[name] = gram(output)  # now: a later in-place ReLU would change ``output``
+            return reduce
+
+        blocks = network.blocks()
+        handles = [blocks[n].register_forward_hook(hook(n)) for n in needed if n != PENULTIMATE]
+        try:
+            features = network(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if PENULTIMATE in needed:
+            grams[PENULTIMATE] = gram(features.float())
+        return grams, loaded.module.logits(features, network)
+
+    def on_validation_epoch_end(self) -> None:
+        # compute() combines the ranks' sums: every rank calls it.
+        self.results = {
+            "pairs": [{"a": a, "b": b, "layers_a": self.loaded[a].layers, "layers_b": self.loaded[b].layers,
+                       "cka": metric.compute().tolist()} for (a, b), metric in zip(self.pairs, self.pair_cka)],
+        }
+        if self.matrix_cka is not None:
+            self.results["matrix"] = {"layer": self.matrix_layer, "runs": self.matrix, "cka": self.matrix_cka.compute().tolist()}
+        self.results["agreement"] = [{"a": a, "b": b, **metric.compute()}
+                                     for (a, b), metric in zip(self.agreement_pairs, self.agreement)]
+
+
+def fixed_batches(num_images: int, batch_size: int, rank: int, world_size: int) -> np.ndarray:
+    """This process's images: batches of ``batch_size`` consecutive indices, r, r + W, ... (module docstring)."""
+    starts = np.arange(0, num_images, batch_size)[rank::world_size]
+    return np.concatenate([np.arange(s, min(s + batch_size, num_images)) for s in starts]) if len(starts) else np.zeros(0, int)
+
+
+class _ValidationImages(L.LightningDataModule):
+    """The run's data module's validation images in ``fixed_batches``, for ``Trainer.validate``; also the
+    training images the untrained controls' batch-norm moments are computed on."""
+
+    def __init__(self, data, batch_size: int, images: Optional[int]):
+        super().__init__()
+        self.data, self.batch_size, self.images = data, batch_size, images
+
+    def setup(self, stage: str) -> None:
+        self.data.trainer = self.trainer
+        self.data.setup("validate")
+        self.data.batch_size_per_process = self.batch_size  # the comparison's own batches, not training's
+        total = len(self.data.labels("val"))
+        self.count = total if self.images is None else min(self.images, total)
+        if self.count % self.batch_size in (1, 2, 3):
+            raise ComparisonError(f"{self.count} images in batches of {self.batch_size} leave a last batch of "
+                                  f"{self.count % self.batch_size}: unbiased HSIC needs more than 3 (it divides by n(n-3)); "
+                                  f"choose images or batch_size so that the last batch is full or larger.")
+
+    def val_dataloader(self):
+        mine = fixed_batches(self.count, self.batch_size, self.trainer.global_rank, self.trainer.world_size)
+        return self.data.evaluation_dataloader("val", mine, local=True)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return self.data.on_after_batch_transfer(batch, dataloader_idx)
+
+    def training_images(self, count: int):
+        """The first ``count`` training images (un-augmented, normalised, on the device), the same on every process."""
+        labels, device = self.data.labels("train"), self.trainer.strategy.root_device
+        for batch in self.data.evaluation_dataloader("train", np.arange(min(count, len(labels))), local=True):
+            yield self.data.on_after_batch_transfer([t.to(device) for t in batch], 0)[0]
+
+
+def compare(networks: dict[str, str], pairs: list[tuple[str, str]] = (), matrix: list[str] = (),
+            matrix_layer: Optional[str] = PENULTIMATE, agreement: bool = False, data=None, batch_size: int = 250,
+            images: Optional[int] = None, bn_images: int = 2000, seed: int = 0, trainer: Optional[L.Trainer] = None) -> dict:
+    """CKA (``pairs``: block x block; ``matrix``: ``matrix_layer`` between every two) and prediction agreement
+    of ``networks`` ({name: run folder or .ckpt, optionally @untrained}) on the validation images of ``data``
+    (the first network's run's data module by default); returns the results (on every process)."""
+    if batch_size < 4:
+        raise ComparisonError(f"batch_size {batch_size}: unbiased HSIC needs more than 3 images per batch (it divides by n(n-3)).")
+    loaded = [load_network(name, ref, seed) for name, ref in networks.items()]
+    check_comparable(loaded)
+    if matrix_layer is not None and matrix and matrix_layer not in loaded[0].layers:
+        raise ComparisonError(f"matrix layer {matrix_layer!r} is not a layer of {loaded[0].name}; its layers: "
+                              f"{', '.join(loaded[0].layers)}.")
+    if data is None:
+        data = data_module_of(run_folder_of(loaded[0].source))
+    images_module = _ValidationImages(data, batch_size, images)
+    trainer = trainer or L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    module = Comparison(loaded, list(pairs), matrix_layer, list(matrix), agreement, bn_images)
+    trainer.validate(module, datamodule=images_module, verbose=False)
+    return module.results
+
+
+def check_comparable(loaded: list[Loaded]) -> None:
+    first = loaded[0]
+    for other in loaded[1:]:
+        if other.architecture != first.architecture:
+            raise ComparisonError(
+                f"{first.name} ({first.source}: {first.architecture[0]} from {first.architecture[1]}, {first.architecture[2]} "
+                f"classes) and {other.name} ({other.source}: {other.architecture[0]} from {other.architecture[1]}, "
+                f"{other.architecture[2]} classes) differ in architecture or classes; compare networks of one architecture "
+                f"trained on one data set.")

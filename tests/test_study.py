@@ -1,0 +1,158 @@
+"""The study layer end to end on the embedded shapes data: the study file, the sweep's skip/resume, the
+between-model pass on the Trainer (hooks, 1 vs 2 processes), and the errors said before any work."""
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import cli
+from callbacks.preemption import Preempted
+from lightning_modules import ObjectiveClassifier
+from measurements import gram
+from study.compare import ComparisonError, Loaded, check_comparable
+from study.spec import Study, StudyError
+from study.sweep import run_locally, run_state
+
+from .conftest import REPO
+from .helpers import SignalAt
+from .test_training import NO_MEASUREMENTS, TINY
+
+
+def experiment_config(tmp_path: Path, shapes_root: Path, name: str, objective: str) -> Path:
+    """The quickstart config with another objective and the test's data, as its own file (an experiment)."""
+    config = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    config["model"]["objective"] = objective
+    config["data"]["init_args"]["root"] = str(shapes_root)
+    config["trainer"]["default_root_dir"] = str(tmp_path / "runs")
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def study_file(tmp_path: Path, configs: list[Path], seeds=(0,), extra: str = "", overrides=()) -> Path:
+    path = tmp_path / "study.yaml"
+    overrides = [*TINY, "--trainer.max_epochs=2", *overrides]
+    path.write_text(yaml.safe_dump({"experiments": [str(c) for c in configs], "seeds": list(seeds), "overrides": overrides,
+                                    "report": str(tmp_path / "report")}) + extra)
+    return path
+
+
+def test_a_study_names_its_problems_before_any_run_starts(tmp_path, shapes_root):
+    good = experiment_config(tmp_path, shapes_root, "softmax", "Softmax")
+    with pytest.raises(StudyError, match=r"experiment config .*missing\.yaml does not exist"):
+        Study.load(study_file(tmp_path, [good, tmp_path / "missing.yaml"]))
+    bad = experiment_config(tmp_path, shapes_root, "typo", "Softmaxx")
+    with pytest.raises(StudyError, match=r"typo\.yaml: unknown objective 'Softmaxx'; choose one of .*CosineSoftmax"):
+        Study.load(study_file(tmp_path, [good, bad]))
+    with pytest.raises(StudyError, match=r"'softmax/seed3' is not one of the study's runs"):
+        Study.load(study_file(tmp_path, [good], extra="cka: {pairs: [[softmax/seed0, softmax/seed3]]}\n"))
+    study = Study.load(study_file(tmp_path, [good], seeds=(0, 4)))
+    assert [r.name for r in study.runs] == ["softmax/seed0", "softmax/seed4"]
+    assert run_state(study.runs[1]).folder == tmp_path / "runs" / "softmax" / "seed4"
+
+
+def test_an_interrupted_study_finishes_without_redoing_finished_runs(tmp_path, shapes_root):
+    configs = [experiment_config(tmp_path, shapes_root, "softmax", "Softmax"),
+               experiment_config(tmp_path, shapes_root, "sigmoid", "Sigmoid")]
+    study = Study.load(study_file(tmp_path, configs, overrides=[NO_MEASUREMENTS]))
+    first, second = study.runs
+    cli.main(["fit", *first.fit_args()])  # finished
+    interrupted = cli.main(second.config_args(), run=False)  # preempted at step 20 of 32
+    interrupted.trainer.callbacks.append(SignalAt(12, signal.SIGUSR1))
+    with pytest.raises(Preempted):
+        interrupted.trainer.fit(interrupted.model, datamodule=interrupted.datamodule)
+    assert [run_state(r).state for r in study.runs] == ["finished", "unfinished"]
+    finished_checkpoint = run_state(first).folder / "checkpoints" / "last.ckpt"
+    written = finished_checkpoint.stat().st_mtime_ns
+
+    assert run_locally(study) == []
+    assert finished_checkpoint.stat().st_mtime_ns == written  # not run again
+    assert [run_state(r).state for r in study.runs] == ["finished", "finished"]
+    resumed = torch.load(run_state(second).folder / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert resumed["global_step"] == 32  # 2 epochs of 16 steps: resumed at 20, not restarted
+    events = list((run_state(second).folder).glob("events.out.tfevents.*"))
+    assert len(events) == 2  # the interrupted part and the resumed part in one run folder
+
+
+def resnet18_classifier(num_classes: int = 10) -> ObjectiveClassifier:
+    return ObjectiveClassifier(num_classes=num_classes, global_batch_size=8, backbone="resnet18", backbone_source="torchvision",
+                               zero_init_last_bn=False, ema_decay=None)
+
+
+def test_the_hooks_see_every_block_once_after_its_residual_relu(tmp_path):
+    """torchvision's BasicBlock applies one in-place ReLU twice; the Gram matrices must be those of each block's
+    final output, taken before anything later in the network writes into it."""
+    from study.compare import Comparison
+
+    torch.manual_seed(0)
+    module = resnet18_classifier().eval()
+    loaded = Loaded("a", module, tmp_path / "a.ckpt", False)
+    comparison = Comparison([loaded, Loaded("b", resnet18_classifier().eval(), tmp_path / "b.ckpt", False)],
+                            [("a", "b")], None, [], agreement=False)
+    images = torch.randn(6, 3, 32, 32)
+    calls = {}
+    blocks = module.eval_network.blocks()
+    counting = [blocks[n].register_forward_hook(lambda m, i, o, n=n: calls.__setitem__(n, calls.get(n, 0) + 1)) for n in blocks]
+    with torch.no_grad():
+        grams, _ = comparison._forward(loaded, images)
+    for handle in counting:
+        handle.remove()
+    assert calls == {n: 1 for n in blocks} and list(grams) == [*blocks, "penultimate"] or set(grams) == {*blocks, "penultimate"}
+
+    # Reference: the network run block by block by hand, each output cloned at once.
+    backbone = module.eval_network.backbone
+    with torch.no_grad():
+        x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(images))))
+        outputs = {}
+        for name, block in blocks.items():
+            x = block(x)
+            outputs[name] = x.clone()
+        assert all((o >= 0).all() for o in outputs.values())  # after the block's ReLU
+        for name, output in outputs.items():
+            torch.testing.assert_close(grams[name], gram(output), rtol=1e-10, atol=1e-8)
+        torch.testing.assert_close(grams["penultimate"], gram(torch.flatten(backbone.avgpool(x), 1)), rtol=1e-6, atol=1e-6)
+
+
+def test_networks_of_other_architectures_or_classes_are_refused_naming_both(tmp_path):
+    a = Loaded("softmax/seed0", resnet18_classifier(10), tmp_path / "a.ckpt", False)
+    b = Loaded("other/seed0", resnet18_classifier(12), tmp_path / "b.ckpt", False)
+    with pytest.raises(ComparisonError, match=r"softmax/seed0 .*10 classes\) and other/seed0 .*12 classes\)"):
+        check_comparable([a, b])
+
+
+def test_cka_between_checkpoints_is_the_same_on_one_and_two_processes(tmp_path, shapes_root):
+    trained = cli.main(["fit", "--config", str(REPO / "configs" / "quickstart.yaml"), f"--data.init_args.root={shapes_root}",
+                        f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1", *TINY, NO_MEASUREMENTS,
+                        "--trainer.limit_val_batches=0"])
+    run = Path(trained.trainer.logger.log_dir)
+    untrained = f"{run}@untrained"
+    pairs = json.dumps([[str(run), str(run)], [str(run), untrained]])
+    results = []
+    for processes in (1, 2):
+        out = tmp_path / f"cka{processes}"
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                               "-m", "study", "cka", f"--pairs={pairs}", f"--matrix=[{run}, {untrained}]", "--agreement=true",
+                               "--batch_size=60", "--images=250", f"--out={out}", "--accelerator=cpu", f"--devices={processes}"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        results.append(json.loads((out / "cka.json").read_text()))
+        assert (out / "figure2_cka.png").stat().st_size > 1000
+    one, two = results
+    # The same batches on either count, so the same sums; float32 convolutions on 1 or 2 threads differ by ~1e-8.
+    for p1, p2 in zip(one["pairs"], two["pairs"]):
+        np.testing.assert_allclose(p1["cka"], p2["cka"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(one["matrix"]["cka"], two["matrix"]["cka"], rtol=0, atol=1e-6)
+    assert one["agreement"] == two["agreement"]
+    itself, control = np.array(one["pairs"][0]["cka"]), np.array(one["pairs"][1]["cka"])
+    assert itself.shape == (len(one["pairs"][0]["layers_a"]),) * 2 == control.shape
+    np.testing.assert_allclose(np.diag(itself), 1.0, atol=1e-12)
+    assert np.all(np.diag(control) < 0.999) and np.all(control > 0)  # the untrained control is another network
+    assert one["matrix"]["cka"][0][1] == pytest.approx(control[-1, -1], abs=1e-12)  # the same penultimate CKA both ways
+    assert 0 <= one["agreement"][0]["agreement"] <= 1
