@@ -28,12 +28,16 @@ def run(study: str, analyse_after: bool = True) -> None:
         study: the study file (configs/studies/*.yaml).
         analyse_after: run the analysis once every run has finished.
     """
-    from .sweep import run_locally
+    from .sweep import prepare_data, run_locally
 
     spec = Study.load(study)
     start = time.perf_counter()
-    failed = run_locally(spec)
-    print(f"\nstudy runs: {time.perf_counter() - start:.0f} s", flush=True)
+    timings = {"data": prepare_data(spec)}
+    failed = run_locally(spec, timings)
+    timings["all runs"] = time.perf_counter() - start - timings["data"]
+    print(f"\nstudy: data {timings['data']:.0f} s, runs {timings['all runs']:.0f} s", flush=True)
+    spec.report.mkdir(parents=True, exist_ok=True)
+    (spec.report / "timings.json").write_text(json.dumps(timings, indent=1))
     if failed:
         print(f"{len(failed)} runs failed: {', '.join(s.run.name for s in failed)} (their output is above; the report "
               f"lists them as missing)", file=sys.stderr, flush=True)
@@ -96,7 +100,9 @@ def analyse(study: str, accelerator: str = "auto", devices: str = "auto", num_no
         cka["skipped_pairs"] = [list(p) for p in skipped]
         spec.report.mkdir(parents=True, exist_ok=True)
         (spec.report / "cka.json").write_text(json.dumps(cka, indent=1))
-        print(f"CKA and agreement of {len(networks)} networks: {time.perf_counter() - start:.0f} s", flush=True)
+        seconds = time.perf_counter() - start
+        print(f"CKA and agreement of {len(networks)} networks: {seconds:.0f} s", flush=True)
+        record_time(spec.report, "cka", seconds)
     report(study, cka_file=str(spec.report / "cka.json") if cka else None)
 
 
@@ -122,7 +128,18 @@ def report(study: Optional[str] = None, runs: Optional[str] = None, out: Optiona
     cka = json.loads(cka_path.read_text()) if cka_path.is_file() else None
     start = time.perf_counter()
     path = write_report(collected, folder, title=f"Study {spec.path.stem}" if spec else f"Runs in {runs}", cka=cka)
-    print(f"report: {path} ({len(collected.runs)} runs, {len(collected.missing)} missing; {time.perf_counter() - start:.1f} s)")
+    seconds = time.perf_counter() - start
+    record_time(folder, "report", seconds)
+    print(f"report: {path} ({len(collected.runs)} runs, {len(collected.missing)} missing; {seconds:.1f} s)")
+
+
+def record_time(folder: Path, part: str, seconds: float) -> None:
+    """Adds a part's wall time to <report>/timings.json (the study's benchmark: data, each run, CKA, report)."""
+    path = folder / "timings.json"
+    timings = json.loads(path.read_text()) if path.is_file() else {}
+    timings[part] = seconds
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(timings, indent=1))
 
 
 def cka(pairs: Optional[list[tuple[str, str]]] = None, out: str = "cka", matrix: Optional[list[str]] = None, layer: str = "penultimate",

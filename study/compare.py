@@ -89,10 +89,14 @@ def data_module_of(run: Path):
     config = run / "config.yaml"
     if not config.is_file():
         raise ComparisonError(f"{run} has no config.yaml to take the data from; pass the data config explicitly.")
-    data = yaml.safe_load(config.read_text())["data"]
-    parser = ArgumentParser()
+    return instantiate_data(yaml.safe_load(config.read_text())["data"])
+
+
+def instantiate_data(data: dict):
+    """A data module from a config's ``data`` section ({class_path, init_args})."""
     from datamodules import ImageClassificationData
 
+    parser = ArgumentParser()
     parser.add_subclass_arguments(ImageClassificationData, "data")
     return parser.instantiate_classes(parser.parse_object({"data": data})).data
 

@@ -45,9 +45,27 @@ def run_state(run: Run) -> RunState:
     return RunState(run, folder, "unfinished" if (folder / "checkpoints" / "last.ckpt").is_file() else "new")
 
 
-def run_locally(study: Study, python: str = sys.executable) -> list[RunState]:
+def prepare_data(study: Study) -> float:
+    """Generate or check each experiment's data before the runs (the embedded data set is generated on first
+    use); returns the seconds it took."""
+    from cli import fit_config
+
+    from .compare import instantiate_data
+
+    start = time.perf_counter()
+    sections = {}
+    for run in study.runs:
+        data = fit_config(run.config_args()).as_dict()["data"]
+        sections.setdefault(repr(data), data)
+    for data in sections.values():
+        instantiate_data(data).prepare_data()
+    return time.perf_counter() - start
+
+
+def run_locally(study: Study, timings: Optional[dict] = None, python: str = sys.executable) -> list[RunState]:
     """Run every unfinished run of ``study`` in turn (``cli.py fit``, one process each); returns the runs
-    that failed. A failed run does not stop the others; the report lists it as missing."""
+    that failed, and adds each run's seconds to ``timings``. A failed run does not stop the others; the
+    report lists it as missing."""
     states = [run_state(r) for r in study.runs]
     todo = [s for s in states if s.state != "finished"]
     print(f"study {study.path}: {len(states)} runs, {len(states) - len(todo)} finished, {len(todo)} to run", flush=True)
@@ -57,8 +75,11 @@ def run_locally(study: Study, python: str = sys.executable) -> list[RunState]:
         print(f"\n[{number}/{len(todo)}] {verb} {state.run.name} in {state.folder}", flush=True)
         start = time.perf_counter()
         result = subprocess.run([python, str(REPO / "cli.py"), "fit", *state.run.fit_args()])
+        seconds = time.perf_counter() - start
         print(f"[{number}/{len(todo)}] {state.run.name}: {'done' if result.returncode == 0 else 'FAILED'} "
-              f"in {time.perf_counter() - start:.0f} s", flush=True)
+              f"in {seconds:.0f} s", flush=True)
+        if timings is not None:
+            timings[state.run.name] = seconds
         if result.returncode != 0:
             failed.append(state)
     return failed

@@ -1,6 +1,6 @@
 """The project's SLURM batch script on a real SLURM cluster started on this machine (tests/slurm_cluster.py):
-a 2-process DDP quickstart, preemption with requeue and resume, a rank that dies, a sweep as an array
-job, and two nodes in network namespaces."""
+a 2-process DDP quickstart, preemption with requeue and resume, a rank that dies, a study as an array
+job with its analysis after it, and two nodes in network namespaces."""
 
 import os
 import signal
@@ -124,8 +124,9 @@ def test_a_rank_that_dies_fails_the_job_within_a_bounded_time(cluster, tmp_path,
     assert training_processes(run_dir) == []  # the other rank did not stay behind, blocked in a collective
 
 
-def test_a_sweep_is_one_array_job_with_a_task_per_config(cluster, tmp_path, shapes_root):
-    """slurm/sweep.sh: each array task trains its own config into its own run, the overrides reach all."""
+def test_a_study_is_one_array_job_of_config_x_seed_tasks_with_its_analysis_after(cluster, tmp_path, shapes_root):
+    """python -m study submit: slurm/sweep.sh --seeds runs each config once per seed into its own run, the
+    overrides reach all, and the analysis job (CKA on the Trainer under srun, then the report) starts after."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     configs = []
@@ -134,25 +135,35 @@ def test_a_sweep_is_one_array_job_with_a_task_per_config(cluster, tmp_path, shap
         config["model"]["objective"] = objective
         configs.append(tmp_path / f"{objective.lower()}.yaml")
         configs[-1].write_text(yaml.safe_dump(config))
+    measured = "--trainer.callbacks=[{class_path: callbacks.RepresentationMeasurements, init_args: {layers: penultimate}}]"
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({
+        "experiments": [str(c) for c in configs], "seeds": [0, 1], "report": str(tmp_path / "report"),
+        "overrides": [f"--data.init_args.root={shapes_root}", f"--trainer.default_root_dir={run_dir}", "--trainer.max_epochs=1",
+                      *TINY, measured],
+        "cka": {"pairs": [["softmax/seed0", "softmax/seed1"]], "batch_size": 64}, "agreement": True}))
+    flags = ["--gpus-per-node=0", "--cpus-per-task=1", "--ntasks-per-node=1"]
     submitted = subprocess.run(
-        ["slurm/sweep.sh", "--gpus-per-node=0", "--cpus-per-task=1", "--ntasks-per-node=1",
-         f"--output={run_dir}/slurm-%A_%a.out", *map(str, configs),
-         f"--data.init_args.root={shapes_root}", f"--trainer.default_root_dir={run_dir}",
-         f"--trainer.logger.init_args.save_dir={run_dir}", "--trainer.max_epochs=1", *TINY],
-        cwd=REPO, env={**cluster.env, "PYTHON_CMD": sys.executable}, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "study", "submit", str(study), f"--sbatch=[{', '.join(flags)}, --output={run_dir}/slurm-%A_%a.out]",
+         f"--analysis_sbatch=[{', '.join(flags)}, --output={run_dir}/slurm-analysis-%j.out]"],
+        cwd=REPO, env={**cluster.env, "PYTHON_CMD": sys.executable}, capture_output=True, text=True, timeout=120,
     )
-    assert submitted.returncode == 0, submitted.stderr
-    job = int(submitted.stdout.split()[-1])
-    for task in [0, 1]:
-        finished(cluster, f"{job}_{task}", run_dir)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    array, analysis = (int(word) for word in submitted.stdout.replace(";", " ").split() if word.isdigit())
+    for task in range(4):
+        finished(cluster, f"{array}_{task}", run_dir)
+    finished(cluster, analysis, run_dir)
     for objective in ["softmax", "sigmoid"]:
-        version = run_dir / objective / "seed0"  # each objective names its own run
-        assert f"class_path: lightning_modules.{objective.capitalize()}" in (version / "config.yaml").read_text()
-        assert [step for step, _ in scalars(version)["val/acc1"]] == [15]  # 1024 images, batch 64: 16 steps
-    log = output(run_dir)
-    assert all(f"): {config} on 1 node(s) x 1 process(es)" in log for config in configs) and "Traceback" not in log
-
-
+        for seed in [0, 1]:
+            version = run_dir / objective / f"seed{seed}"  # each objective and seed names its own run
+            config = yaml.safe_load((version / "config.yaml").read_text())
+            assert config["model"]["objective"]["class_path"] == f"lightning_modules.{objective.capitalize()}"
+            assert config["seed_everything"] == seed
+            assert [step for step, _ in scalars(version)["val/acc1"]] == [15]  # 1024 images, batch 64: 16 steps
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| Softmax | 2 |" in report and "| Sigmoid | 2 |" in report and "Missing" not in report
+    assert (tmp_path / "report" / "figure2_cka.png").is_file()
+    assert "Traceback" not in output(run_dir)
 @pytest.mark.skipif(netns_available() is not None, reason=str(netns_available()))
 def test_two_nodes_in_network_namespaces_train_one_ddp_job(tmp_path, shapes_root):
     run_dir = tmp_path / "run"
