@@ -1,5 +1,7 @@
 """The data side: the embedded data set, the .beton writer and checks, and the bad-input errors."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +26,32 @@ def test_shapes_are_deterministic_and_cover_every_factor():
     assert set(fa["colour"]) == set(range(NUM_COLOURS))
     assert set(fa["texture"]) == set(range(len(TEXTURES)))
     assert a.std() > 20  # real structure, not a flat image
+
+
+def test_stripe_orientation_is_a_property_of_the_texture_class():
+    """Stripes are laid in image axes: were they turned with the randomly rotated object, horizontal,
+    vertical and diagonal stripes would be one distribution and the texture task capped at 2/3."""
+    images, factors = render_shapes(1200, np.random.default_rng(5))
+    grey = images.astype(np.float64).mean(-1)
+    across_rows = np.abs(np.diff(grey, axis=1)).mean((1, 2))  # changes from one row to the next
+    across_columns = np.abs(np.diff(grey, axis=2)).mean((1, 2))
+    ratio = {name: across_rows[factors["texture"] == k].mean() / across_columns[factors["texture"] == k].mean()
+             for k, name in enumerate(TEXTURES)}
+    assert ratio["horizontal_stripes"] > 1.15 * ratio["plain"] and ratio["vertical_stripes"] < ratio["plain"] / 1.15
+
+
+def test_shapes_drawn_by_an_older_design_are_regenerated(tmp_path):
+    from datamodules.shapes import DESIGN, EmbeddedShapesDataModule
+
+    module = EmbeddedShapesDataModule(str(tmp_path), num_train=64, num_val=16, num_transfer_train=12, num_transfer_test=12)
+    module.prepare_data()
+    spec = json.loads((tmp_path / "spec.json").read_text())
+    assert spec["design"] == DESIGN
+    (tmp_path / "spec.json").write_text(json.dumps({**spec, "design": DESIGN - 1}))
+    written = (tmp_path / "train.beton").stat().st_mtime_ns
+    module.prepare_data()
+    assert (tmp_path / "train.beton").stat().st_mtime_ns != written
+    assert json.loads((tmp_path / "spec.json").read_text())["design"] == DESIGN
 
 
 def test_generated_splits_hold_the_right_labels(shapes_root):
