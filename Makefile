@@ -1,13 +1,16 @@
 # The few commands a newcomer needs. Each one sets up first (idempotent, fast when already done).
 PY := .venv/bin/python
 
-.PHONY: setup quickstart test benchmark benchmark-loader benchmark-probes benchmark-gpu tensorboard
+.PHONY: setup quickstart study test benchmark benchmark-loader benchmark-probes benchmark-cka benchmark-gpu tensorboard
 
 setup:
 	bash scripts/setup.sh
 
 quickstart: setup  ## train on the embedded shapes data set through FFCV, on the CPU (~5 min)
 	$(PY) cli.py fit --config configs/quickstart.yaml
+
+study: setup  ## the embedded study: 9 objectives x 2 seeds, CKA, report in runs/embedded/report (~30 min)
+	$(PY) -m study run configs/studies/embedded.yaml
 
 test: setup  ## the whole test suite
 	$(PY) -m pytest -q
@@ -20,6 +23,9 @@ benchmark-loader: setup  ## loader img/s: FFCV data module vs FFCV's Loader vs t
 
 benchmark-probes: setup  ## linear-probe sweep vs scikit-learn; kNN leave-one-out time and memory
 	$(PY) benchmarks/probe_speed.py
+
+benchmark-cka: setup  ## block x block CKA: Gram matrices once per batch vs once per pair (speed-up, max difference)
+	$(PY) benchmarks/cka_speed.py
 
 benchmark-gpu: setup  ## ResNet-50 img/s on one GPU: fast path off / on / compiled, synthetic and FFCV
 	$(PY) benchmarks/gpu_throughput.py --compile

@@ -5,6 +5,8 @@ argument is a knob (``python cli.py fit --help``) that the command line can over
 ``--model.objective=CosineSoftmax --model.objective.temperature=0.03``.
 """
 
+import logging
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -60,8 +62,16 @@ class _ParseOnly(TransferStudyCLI):
 def fit_config(args: list[str]):
     """The config ``cli.py fit <args>`` would run (a jsonargparse Namespace), its run named, found without
     building the model, the data or the trainer: the study's sweep reads it to skip finished runs."""
-    return _ParseOnly(ObjectiveClassifier, ImageClassificationData, subclass_mode_data=True,
-                      trainer_defaults=trainer_defaults(), args=args, run=False).config
+    seed_log = logging.getLogger("lightning.fabric.utilities.seed")  # "Seed set to k", once per parsed run
+    level = seed_log.level
+    seed_log.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():  # LightningCLI's warning that args came with a command line: the study's
+            warnings.simplefilter("ignore")
+            return _ParseOnly(ObjectiveClassifier, ImageClassificationData, subclass_mode_data=True,
+                              trainer_defaults=trainer_defaults(), args=args, run=False).config
+    finally:
+        seed_log.setLevel(level)
 
 
 def run_folder(config) -> Path:

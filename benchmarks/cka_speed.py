@@ -14,9 +14,10 @@ It prints the seconds of each, the speed-up and the largest |difference| of the 
 either is bounded by one batch: a Gram matrix is n×n float64 per layer, whatever the layer's width, and the
 states are A·B + A + B float64 sums; the activations themselves are the benchmark's input, not its cost.
 
-``--resnet50`` instead runs two torchvision ResNet-50s (random weights, eval mode) over synthetic 224×224
-images, with forward hooks on the 16 bottleneck blocks and the pooled penultimate layer (17 layers) that
-reduce each output to its Gram matrix at once, and prints seconds per 1,000 images with and without CKA.
+``--resnet50`` instead runs the product's comparison pass (``study.compare.Comparison``: forward hooks on the
+16 bottleneck blocks that reduce each output to its Gram matrix at once, and the pooled penultimate layer:
+17 layers) for two ResNet-50s (random weights, eval mode) over synthetic 224×224 images, and prints seconds
+per 1,000 images with and without CKA.
 
     python benchmarks/cka_speed.py                                   # CPU, under a minute
     python benchmarks/cka_speed.py --device cuda --resnet50          # GPU: 10,000 images in batches of 500
@@ -27,11 +28,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
-import torchvision
 
-from lightning_modules.backbones import residual_blocks
 from measurements.cka import MinibatchCKA, gram, unbiased_hsic
 
 # Block outputs of a CIFAR-style ResNet-18 on 16×16 inputs, two blocks per stage, then the pooled features.
@@ -112,64 +112,48 @@ def compare(args, device: torch.device) -> None:
           f"{(num_a * num_b + num_a + num_b) * 8} B; one batch's activations (the input) {inputs_mb:.1f} MiB")
 
 
-def attach_gram_hooks(net: torch.nn.Module, slots: list, calls: list, tag: int) -> list:
-    """Forward hooks on the 16 bottleneck blocks (forward order) and the pooled penultimate layer that put each
-    output's Gram matrix in ``slots[i]`` and note (tag, i) in ``calls``.
-
-    The Gram matrix is taken inside the hook from the block's output (after its final ReLU): torchvision's
-    Bottleneck runs its one ReLU module in place three times, so a held output could be mutated later, and
-    reducing at once means no activation outlives its block."""
-    layers = [*residual_blocks(net).values(), net.avgpool]
-    slots[:] = [None] * len(layers)
-
-    def hook(_module, _inputs, output, index):
-        slots[index] = gram(output)
-        calls.append((tag, index))
-
-    return [m.register_forward_hook(lambda m, i, o, index=index: hook(m, i, o, index)) for index, m in enumerate(layers)]
-
-
 def resnet50(args, device: torch.device) -> None:
+    """The product's own pass (``study.compare.Comparison``: hooks that reduce each block's output to its Gram
+    matrix, MinibatchCKA) for two ResNet-50s, against their plain forward passes."""
+    from lightning_modules import ObjectiveClassifier
+    from study.compare import Comparison, Loaded
+
     nets = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        nets.append(torchvision.models.resnet50(weights=None).eval().to(device))
+        module = ObjectiveClassifier(num_classes=1000, backbone="resnet50", ema_decay=None).eval()
+        nets.append(Loaded(f"resnet50/seed{seed}", module, Path(f"seed{seed}"), False))
+    comparison = Comparison(nets, [(nets[0].name, nets[1].name)], None, [], agreement=False).to(device).eval()
+    if device.type == "cuda":
+        comparison.to(memory_format=torch.channels_last)
     g = torch.Generator(device=device).manual_seed(args.seed)
     steps = -(-args.images // args.batch)
 
     def batches():
         for step in range(steps):
-            yield torch.randn(min(args.batch, args.images - step * args.batch), 3, 224, 224, generator=g, device=device)
+            images = torch.randn(min(args.batch, args.images - step * args.batch), 3, 224, 224, generator=g, device=device)
+            yield images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
     def forward_only():
         for images in batches():
             for net in nets:
-                net(images)
-
-    grams, calls = ([], []), []
+                net.module.eval_network(images)
 
     def with_cka():
-        metric = MinibatchCKA(len(grams[0]), len(grams[1])).to(device)
-        for images in batches():
-            calls.clear()
-            for net in nets:
-                net(images)
-            # Layers are labelled by call order, which must be the order they are listed in.
-            assert calls == [(k, i) for k in (0, 1) for i in range(len(grams[k]))], calls
-            metric.update(torch.stack(grams[0]), torch.stack(grams[1]))
-        return metric.compute()
+        for step, images in enumerate(batches()):
+            comparison.validation_step((images, torch.zeros(len(images), dtype=torch.long, device=device)), step)
+        return comparison.pair_cka[0].compute()
 
-    with torch.no_grad():
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # as training runs
+    with torch.no_grad(), autocast:
         for net in nets:  # warm-up (cuDNN's algorithm choice) outside the timings
-            net(torch.randn(min(args.batch, 8), 3, 224, 224, device=device))
+            net.module.eval_network(torch.randn(min(args.batch, 8), 3, 224, 224, device=device))
         _, t_forward, mem_forward = timed(forward_only, device=device)
-        handles = [h for k, net in enumerate(nets) for h in attach_gram_hooks(net, grams[k], calls, k)]
         cka, t_cka, mem_cka = timed(with_cka, device=device)
-    for h in handles:
-        h.remove()
+    layers = len(nets[0].layers)
     per_k = 1000 / args.images
-    print(f"two ResNet-50s (random weights, eval), {len(grams[0])} layers each, {args.images} images of 224×224 "
-          f"in batches of {args.batch}, {device}")
+    print(f"two ResNet-50s (random weights, eval{', bf16 autocast' if device.type == 'cuda' else ''}), {layers} layers each, "
+          f"{args.images} images of 224×224 in batches of {args.batch}, {device}")
     print(f"{'pass':<16} {'s / 1,000 images':>17} {'peak MiB':>9}")
     print(f"{'forward only':<16} {t_forward * per_k:>17.3f} {mem_forward:>9}")
     print(f"{'forward + CKA':<16} {t_cka * per_k:>17.3f} {mem_cka:>9}")

@@ -96,6 +96,8 @@ def analyse(study: str, accelerator: str = "auto", devices: str = "auto", num_no
                       images=spec.cka.images, trainer=trainer)
         if not trainer.is_global_zero:
             return
+        if "matrix" in cka:
+            cka["matrix"]["seed"] = spec.cka.seed
         skipped = [p for p in spec.cka.pairs if p not in pairs]
         cka["skipped_pairs"] = [list(p) for p in skipped]
         spec.report.mkdir(parents=True, exist_ok=True)
@@ -106,28 +108,24 @@ def analyse(study: str, accelerator: str = "auto", devices: str = "auto", num_no
     report(study, cka_file=str(spec.report / "cka.json") if cka else None)
 
 
-def report(study: Optional[str] = None, runs: Optional[str] = None, out: Optional[str] = None,
-           cka_file: Optional[str] = None) -> None:
+def report(source: str, out: Optional[str] = None, cka_file: Optional[str] = None) -> None:
     """Write a study's report (results.csv, report.md, figures) from its runs' measurements.
 
     Args:
-        study: the study file; or
-        runs: a folder of runs laid out as <experiment>/seed<k>, for runs made without a study file.
-        out: the report's folder (default: the study's ``report``, or <runs>/report).
+        source: the study file; or a folder of runs laid out as <experiment>/seed<k> (runs made without one).
+        out: the report's folder (default: the study's ``report``, or <folder>/report).
         cka_file: CKA results to draw Figure 2 from (default: <out>/cka.json when present).
     """
     from .report import write_report
     from .runs import collect, collect_folder
 
-    if (study is None) == (runs is None):
-        raise SystemExit("report: give a study file or --runs <folder>, one of them.")
-    spec = Study.load(study) if study else None
-    collected = collect(spec) if spec else collect_folder(Path(runs))
-    folder = Path(out) if out else (spec.report if spec else Path(runs) / "report")
+    spec = Study.load(source) if not Path(source).is_dir() else None
+    collected = collect(spec) if spec else collect_folder(Path(source))
+    folder = Path(out) if out else (spec.report if spec else Path(source) / "report")
     cka_path = Path(cka_file) if cka_file else folder / "cka.json"
     cka = json.loads(cka_path.read_text()) if cka_path.is_file() else None
     start = time.perf_counter()
-    path = write_report(collected, folder, title=f"Study {spec.path.stem}" if spec else f"Runs in {runs}", cka=cka)
+    path = write_report(collected, folder, title=f"Study {spec.path.stem}" if spec else f"Runs in {source}", cka=cka)
     seconds = time.perf_counter() - start
     record_time(folder, "report", seconds)
     print(f"report: {path} ({len(collected.runs)} runs, {len(collected.missing)} missing; {seconds:.1f} s)")

@@ -208,6 +208,9 @@ def write_report(collected: Collected, out: Path, title: str = "Study", cka: Opt
     uneven = {k: len(v) for k, v in groups.items() if len(v) != max(len(g) for g in groups.values())}
     if uneven:
         lines += [f"Partial: experiments with fewer seeds than the others: {uneven}.", ""]
+    if max(len(g) for g in groups.values()) == 2:
+        lines += ["With 2 seeds per row Welch's test has about one degree of freedom: only very large differences are "
+                  "significant, so most of a column is bold. The paper uses 8 seeds.", ""]
 
     def by_objective(run):
         return run.objective
@@ -215,15 +218,17 @@ def write_report(collected: Collected, out: Path, title: str = "Study", cka: Opt
     def label(name, runs):  # the paper's name when the experiment is the objective's own
         return runs[0].objective if name == objective_slug(runs[0].objective) else f"{name} ({runs[0].objective})"
 
+    average = len(datasets) > 1  # an average column only where there is more than one data set
     linear = [Column("Top-1", _final(TOP1), "imagenet_top1", percent=True)]
     linear += [Column(d, _final(f"probe/{d}/linear_acc"), f"linear_{PAPER_DATASETS.get(d, d)}", percent=True) for d in datasets]
-    if datasets:
+    if average:
         linear.append(Column("Avg", lambda r: mean_linear(r, datasets), None, percent=True))
-    lines += ["## Table 1: ImageNet top-1 and linear transfer accuracy (%)", ""]
+    lines += ["## Table 1: top-1 on the pre-training task (validation) and linear transfer accuracy (%)", ""]
     lines += table(main, linear, paper, "table1", by_objective, label) + [""]
     if datasets:
         knn = [Column(d, _final(f"probe/{d}/knn_acc"), f"knn_{PAPER_DATASETS.get(d, d)}", percent=True) for d in datasets]
-        knn.append(Column("Avg", lambda r: mean_linear(r, datasets, "knn"), None, percent=True))
+        if average:
+            knn.append(Column("Avg", lambda r: mean_linear(r, datasets, "knn"), None, percent=True))
         lines += ["## Table 1 (continued): k-nearest-neighbour transfer accuracy (%)", ""]
         lines += table(main, knn, paper, "table1", by_objective, label) + [""]
 
@@ -249,6 +254,7 @@ def write_report(collected: Collected, out: Path, title: str = "Study", cka: Opt
         figures.append(figure_five(points, {n: main[n][0] for n in points}, paper, out / "figure5_r2_vs_transfer.png", rho, p))
     if cka:
         figures.append(figure_two(cka, out / "figure2_cka.png"))
+        figures.append(figure_agreement(cka, out / "figure_c4_agreement.png"))
         lines += cka_section(cka)
     lines += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures if f is not None] + [""]
     report = out / "report.md"
@@ -367,8 +373,7 @@ def figure_two(cka: dict, path: Path) -> Path:
     figure, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.6), squeeze=False)
     for ax, pair in zip(axes[0], pairs):
         image = ax.imshow(np.array(pair["cka"]), vmin=0, vmax=1, cmap="magma", origin="lower")
-        ax.set_xlabel(pair["b"], fontsize=7)
-        ax.set_ylabel(pair["a"], fontsize=7)
+        ax.set_title(f"{pair['a']} (rows)\nvs {pair['b']}", fontsize=7)
         ax.set_xticks(range(len(pair["layers_b"])), pair["layers_b"], rotation=90, fontsize=5)
         ax.set_yticks(range(len(pair["layers_a"])), pair["layers_a"], fontsize=5)
     if cka.get("matrix"):
@@ -379,6 +384,7 @@ def figure_two(cka: dict, path: Path) -> Path:
         ax.set_xticks(range(len(names)), names, rotation=90, fontsize=5)
         ax.set_yticks(range(len(names)), names, fontsize=5)
         ax.set_title(f"CKA of {matrix['layer']}", fontsize=8)
+    figure.subplots_adjust(wspace=0.6)
     figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
     figure.suptitle("Figure 2: linear CKA (minibatch, unbiased HSIC)", fontsize=10)
     figure.savefig(path, dpi=120, bbox_inches="tight")
@@ -399,9 +405,38 @@ def cka_section(cka: dict) -> list[str]:
         lines.append(f"- {m['layer']} CKA between the {len(m['runs'])} runs of seed {m.get('seed')}: {off.min():.2f} to "
                      f"{off.max():.2f} (mean {off.mean():.2f})")
     if cka.get("agreement"):
-        lines += ["", "Prediction agreement (Figure C.4) on validation, pairs of the matrix's runs:", "",
-                  "| pair | agreement | both right or both wrong | same wrong prediction, among both wrong |", "|---|---|---|---|"]
+        first = cka["agreement"][0]["a"]
+        lines += ["", f"Prediction agreement on validation (Figure C.4; every pair in figure_c4_agreement.png), {first} "
+                      f"against the others:", "",
+                  "| against | agreement | both right or both wrong | same wrong prediction, among both wrong |", "|---|---|---|---|"]
         for row in cka["agreement"]:
-            lines.append(f"| {row['a']} vs {row['b']} | {row['agreement']:.3f} | {row['both_right_or_both_wrong']:.3f} | "
-                         f"{row['shared_wrong']:.3f} |")
+            if row["a"] == first:
+                lines.append(f"| {row['b']} | {row['agreement']:.3f} | {row['both_right_or_both_wrong']:.3f} | "
+                             f"{row['shared_wrong']:.3f} |")
     return lines + [""]
+
+
+def figure_agreement(cka: dict, path: Path) -> Optional[Path]:
+    """Figure C.4: for every two runs, the fraction of validation images with the same prediction, and among
+    those both get wrong, the fraction with the same wrong prediction."""
+    rows = cka.get("agreement") or []
+    if not rows:
+        return None
+    plt = _pyplot()
+    names = list(dict.fromkeys([n for r in rows for n in (r["a"], r["b"])]))
+    figure, axes = plt.subplots(1, 2, figsize=(10.0, 4.6))
+    for ax, key, title in zip(axes, ("agreement", "shared_wrong"), ("same prediction", "same wrong prediction, among both wrong")):
+        matrix = np.eye(len(names))
+        for r in rows:
+            i, j = names.index(r["a"]), names.index(r["b"])
+            matrix[i, j] = matrix[j, i] = r[key]
+        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(names)), names, fontsize=6)
+        ax.set_title(title, fontsize=9)
+    figure.subplots_adjust(wspace=0.6)
+    figure.colorbar(image, ax=axes.tolist(), shrink=0.8)
+    figure.suptitle("Figure C.4: prediction agreement", fontsize=10)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path

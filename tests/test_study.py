@@ -16,6 +16,7 @@ import cli
 from callbacks.preemption import Preempted
 from lightning_modules import ObjectiveClassifier
 from measurements import gram
+from callbacks.run_config import objective_slug
 from study.compare import ComparisonError, Loaded, check_comparable
 from study.spec import Study, StudyError
 from study.sweep import run_locally, run_state
@@ -156,3 +157,21 @@ def test_cka_between_checkpoints_is_the_same_on_one_and_two_processes(tmp_path, 
     assert np.all(np.diag(control) < 0.999) and np.all(control > 0)  # the untrained control is another network
     assert one["matrix"]["cka"][0][1] == pytest.approx(control[-1, -1], abs=1e-12)  # the same penultimate CKA both ways
     assert 0 <= one["agreement"][0]["agreement"] <= 1
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs" / "studies").glob("*.yaml")))
+def test_every_study_that_comes_with_the_code_loads(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # a study's paths are relative to the repository root
+    study = Study.load(path)
+    assert len(study.runs) == len(study.experiments) * len(study.seeds) >= 2
+    assert run_state(study.runs[0]).folder.parts[-1] == f"seed{study.seeds[0]}"
+
+
+def test_every_embedded_experiment_builds_with_its_objective():
+    for config in sorted((REPO / "configs" / "embedded").glob("*.yaml")):
+        if config.name in ("data.yaml", "measurements.yaml"):
+            continue
+        built = cli.main(["--config", str(config)], run=False)
+        assert built.model.hparams.num_classes == 60 and built.model.hparams.backbone == "test_resnet"
+        assert objective_slug(built.model.hparams.objective) == config.stem
+        assert [type(c).__name__ for c in built.trainer.callbacks][:2] == ["RepresentationMeasurements", "TransferProbes"]
