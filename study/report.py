@@ -394,6 +394,8 @@ def figure_two(cka: dict, path: Path) -> Path:
 
 def cka_section(cka: dict) -> list[str]:
     lines = ["## Figure 2: between-model CKA", ""]
+    for a, b in cka.get("skipped_pairs", []):
+        lines.append(f"- {a} vs {b}: not computed, a run is missing")
     for pair in cka.get("pairs", []):
         diagonal = np.diag(np.array(pair["cka"])) if len(pair["layers_a"]) == len(pair["layers_b"]) else []
         summary = (f"diagonal from {diagonal[0]:.2f} ({pair['layers_a'][0]}) to {diagonal[-1]:.2f} ({pair['layers_a'][-1]})"

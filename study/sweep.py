@@ -88,7 +88,8 @@ def run_locally(study: Study, timings: Optional[dict] = None, python: str = sys.
 def submit_to_slurm(study: Study, sbatch_flags: list[str], analysis_flags: Optional[list[str]] = None) -> tuple[str, str]:
     """Submit the study's runs as one array job (``slurm/sweep.sh``: a task per config x seed) and its analysis
     (``slurm/analyse.sbatch``) to start once every task has succeeded (``--dependency=afterok``); returns
-    the two job ids. Finished runs are left out of the array."""
+    the two job ids. A config whose every seed has finished is left out of the array; a finished run of a
+    config that is in it resumes at its end, so trains no further (its end-of-fit measurements run again)."""
     states = [run_state(r) for r in study.runs]
     todo = [s.run for s in states if s.state != "finished"]
     analysis = ["sbatch", "--parsable", *(analysis_flags or [])]
