@@ -96,7 +96,11 @@ def test_summary_json_holds_every_evaluation_with_objective_and_config(measured_
     assert evaluation["step"] == run.trainer.global_step
     logged = {tag for tag in events.Tags()["scalars"] if tag.split("/")[0] in
               ("class_separation", "relu_nonzero", "neural_collapse", "calibration", "probe")}
-    assert set(evaluation["measurements"]) == logged
+    # Validation's numbers of the same step ride along, so a study reads top-1 beside the measurements.
+    validation = {tag: events.Scalars(tag)[-1].value for tag in ("val/acc1", "val/acc5", "val/loss")}
+    assert set(evaluation["measurements"]) == logged | set(validation)
+    for tag, value in validation.items():
+        assert evaluation["measurements"][tag] == pytest.approx(value, rel=1e-6)
 
 
 def test_transfer_probes_without_data_sets_say_how_to_name_them(tmp_path):
@@ -156,7 +160,7 @@ def test_a_failing_measurement_is_recorded_and_the_run_goes_on(tmp_path, shapes_
               "--checkpoints.epochs=[2]", epochs=2)
     assert run.trainer.current_epoch == 2  # both epochs trained
     folder = Path(run.trainer.log_dir)
-    assert {p.name for p in (folder / "checkpoints").iterdir()} == {"last.ckpt", "epoch002.ckpt"}
+    assert {p.name for p in (folder / "checkpoints").iterdir()} == {"last.ckpt", "epoch002.ckpt", "finished.json"}
     (evaluation,) = json.loads((folder / "measurements.json").read_text())["evaluations"]
     error = evaluation["errors"]["RepresentationMeasurements"]
     assert error.startswith("DivergedWeights") and "weights have diverged" in error and "model.lr_per_256" in error

@@ -72,7 +72,7 @@ def test_quickstart_as_a_two_process_ddp_job(cluster, tmp_path, shapes_root):
     log = output(run_dir)
     assert "1 node(s) x 2 process(es)" in log and "Traceback" not in log
     version = run_dir / "softmax" / "seed0"
-    assert {p.name for p in (version / "checkpoints").iterdir()} == {"last.ckpt"}
+    assert {p.name for p in (version / "checkpoints").iterdir()} == {"last.ckpt", "finished.json"}
     logged = scalars(version)
     # 1024 images at a global batch of 64 over 2 processes: 16 steps, logged every 10
     assert [step for step, _ in logged["train/loss"]] == [9] and [step for step, _ in logged["val/acc1"]] == [15]

@@ -58,7 +58,7 @@ def test_quickstart_trains_and_the_loss_falls(tmp_path, shapes_root):
 
     # Kept: the initial weights, every 2 epochs, the last; weights-only, with the EMA that was evaluated.
     folder = log_dir / "checkpoints"
-    assert {p.name for p in folder.iterdir()} == {"last.ckpt", "epoch000.ckpt", "epoch002.ckpt", "epoch003.ckpt"}
+    assert {p.name for p in folder.iterdir()} == {"last.ckpt", "epoch000.ckpt", "epoch002.ckpt", "epoch003.ckpt", "finished.json"}
     final = torch.load(folder / "epoch003.ckpt", weights_only=False)
     assert "optimizer_states" not in final and "optimizer_states" in torch.load(folder / "last.ckpt", weights_only=False)
     ema = {k.removeprefix("ema."): v for k, v in final["state_dict"].items() if k.startswith("ema.")}
