@@ -5,11 +5,11 @@ from .beton import BetonError, WriterSettings, beton_info, beton_labels, write_s
 from .distributed import cpus_per_process, epoch_shard
 from .ffcv_datamodule import FFCVImageDataModule
 from .folder_datamodule import ImageFolderDataModule
-from .image_data import DataError, ImageClassificationData, ProgressiveResolution
+from .image_data import DataError, ImageClassificationData, ProgressiveResolution, block_permutation, shuffle_blocks
 from .shapes import EmbeddedShapesDataModule
 
 __all__ = [
     "BetonError", "DataError", "WriterSettings", "beton_info", "beton_labels", "write_split", "epoch_shard", "cpus_per_process",
     "ImageClassificationData", "ProgressiveResolution", "FFCVImageDataModule", "ImageFolderDataModule",
-    "EmbeddedShapesDataModule",
+    "EmbeddedShapesDataModule", "block_permutation", "shuffle_blocks",
 ]

@@ -61,7 +61,7 @@ class FFCVImageDataModule(ImageClassificationData):
     def _path(self, source: str) -> str:
         return {"train": self.train_path, "val": self.val_path}.get(source, source)
 
-    def labels(self, source: str) -> np.ndarray:
+    def source_labels(self, source: str) -> np.ndarray:
         return beton_labels(self._path(source), self.make_hint)
 
     def _loader(self, source: str, train: bool, subset: Optional[np.ndarray] = None,
@@ -82,8 +82,10 @@ class FFCVImageDataModule(ImageClassificationData):
         to_device = [ToDevice(self.device, non_blocking=True)] if on_gpu else []
         image = [*decode, ToTensor(), *to_device, ToTorchImage(channels_last=on_gpu)]
         label = [IntDecoder(), ToTensor(), *to_device]  # (B, 1); flattened on the device
-        path = self._path(source)
+        stored, indices = self.resolve(source)  # subset counts in the split, indices in the stored file
         subset = np.arange(len(self.labels(source))) if subset is None else np.asarray(subset)
+        subset = subset if indices is None else indices[subset]
+        path = self._path(stored)
         try:
             loader = Loader(
                 path,

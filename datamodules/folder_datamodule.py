@@ -92,7 +92,7 @@ class ImageFolderDataModule(ImageClassificationData):
                 )
         return self._splits[name]
 
-    def labels(self, split: str) -> np.ndarray:
+    def source_labels(self, split: str) -> np.ndarray:
         return self.split(split).labels
 
     def _loader(self, source: str, train: bool, subset: Optional[np.ndarray] = None,
@@ -105,8 +105,10 @@ class ImageFolderDataModule(ImageClassificationData):
         else:
             resize = round(self.image_size / crop_ratio) if crop_ratio else self.val_resize
             steps = [v2.Resize(resize, antialias=True), v2.CenterCrop(self.image_size)]
-        split = self.split(source)
-        subset = np.arange(len(split)) if subset is None else np.asarray(subset)
+        stored, indices = self.resolve(source)  # subset counts in the split, indices in the stored folder
+        subset = np.arange(len(self.labels(source))) if subset is None else np.asarray(subset)
+        subset = subset if indices is None else indices[subset]
+        split = self.split(stored)
         sampler = _ShardSampler(lambda epoch: subset if local else subset[self.shard(len(subset), train, epoch)])
         loader = DataLoader(
             _Images(split, v2.Compose([v2.PILToTensor(), *steps]), self.bad_images),

@@ -24,6 +24,7 @@ from .sources import DataError
 
 __all__ = [
     "ImageClassificationData", "ProgressiveResolution", "EpochAlignedLoader", "DataError", "IMAGENET_MEAN", "IMAGENET_STD",
+    "block_permutation", "shuffle_blocks",
 ]
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -114,6 +115,13 @@ class ImageClassificationData(L.LightningDataModule):
         holdout_path: images held out from training in this module's format (``convert imagenet
             --holdout true`` writes the paper's 50,046); calibration fits its temperature on them
             (Table C.3), else on half of validation.
+        validation_split: hold out this fraction of the training images, class by class, and validate on them
+            instead of ``val`` (which then stays the untouched test set): the split on which fine-tuning's
+            hyper-parameters are chosen (appendix A.3). The draw is fixed (``stratified_split``, seed 0),
+            the same for every run and every seed.
+        block_shuffle: cut every image into square blocks of this many pixels and permute them with one
+            permutation, the same for every image, train and test alike, drawn from the run's seed
+            (Neyshabur et al. 2020, section 3.1); a divisor of ``image_size``. None: images as they are.
     """
 
     def __init__(
@@ -131,6 +139,8 @@ class ImageClassificationData(L.LightningDataModule):
         std: tuple[float, float, float] = IMAGENET_STD,
         progressive_resolution: Optional[ProgressiveResolution] = None,
         holdout_path: Optional[str] = None,
+        validation_split: Optional[float] = None,
+        block_shuffle: Optional[int] = None,
     ):
         super().__init__()
         if global_batch_size < 1:
@@ -141,6 +151,13 @@ class ImageClassificationData(L.LightningDataModule):
             raise ValueError(f"crop_ratio must satisfy 0 < low <= high, got {crop_ratio}.")
         if val_resize < image_size:
             raise ValueError(f"val_resize={val_resize} must be at least image_size={image_size} (it is cropped to it).")
+        if validation_split is not None and not 0 < validation_split < 1:
+            raise ValueError(f"validation_split must lie in (0, 1) (a fraction of the training images), got {validation_split}.")
+        sizes = {image_size} | ({progressive_resolution.min_res, progressive_resolution.max_res} if progressive_resolution else set())
+        if block_shuffle is not None and any(block_shuffle < 1 or size % block_shuffle for size in sizes):
+            divisors = [b for b in range(1, image_size + 1) if image_size % b == 0]
+            raise ValueError(f"block_shuffle={block_shuffle} does not divide the image size {sorted(sizes)}; choose one of "
+                             f"{divisors}.")
         self.global_batch_size = global_batch_size
         self._num_classes = num_classes
         self.image_size = image_size
@@ -152,14 +169,17 @@ class ImageClassificationData(L.LightningDataModule):
         self.seed = run_seed() if seed is None else seed
         self.progressive_resolution = progressive_resolution
         self.holdout_path = holdout_path
+        self.validation_split = validation_split
+        self.block_shuffle = block_shuffle
+        self._held_out: Optional[tuple[np.ndarray, np.ndarray]] = None
         self._mean = torch.tensor(mean).view(1, 3, 1, 1)
         self._std = torch.tensor(std).view(1, 3, 1, 1)
 
     # --- what a subclass provides ---
 
-    def labels(self, source: str) -> np.ndarray:
-        """Every label of ``source`` ("train", "val", or another data set in this module's format, by path),
-        without decoding images."""
+    def source_labels(self, source: str) -> np.ndarray:
+        """Every label of the file or folder ``source`` ("train", "val", or another data set in this module's
+        format, by path), without decoding images."""
         raise NotImplementedError
 
     def transfer_paths(self) -> dict[str, tuple[str, str]]:
@@ -178,6 +198,24 @@ class ImageClassificationData(L.LightningDataModule):
         raise NotImplementedError
 
     # --- shared ---
+
+    def labels(self, source: str) -> np.ndarray:
+        """Every label of ``source`` as the loaders see it ("train" and "val" after ``validation_split``)."""
+        source, indices = self.resolve(source)
+        labels = self.source_labels(source)
+        return labels if indices is None else labels[indices]
+
+    def resolve(self, source: str) -> tuple[str, Optional[np.ndarray]]:
+        """The stored source a split reads and its indices in it (None: all): with ``validation_split``, "train"
+        and "val" are the kept and the held-out training images."""
+        if self.validation_split is None or source not in ("train", "val"):
+            return source, None
+        if self._held_out is None:
+            from measurements.probes import stratified_split
+
+            kept, held = stratified_split(torch.from_numpy(self.source_labels("train")).long(), self.validation_split)
+            self._held_out = (kept.numpy(), held.numpy())
+        return "train", self._held_out[0 if source == "train" else 1]
 
     @property
     def num_classes(self) -> int:
@@ -247,5 +285,25 @@ class ImageClassificationData(L.LightningDataModule):
             self._mean, self._std = self._mean.to(images.device), self._std.to(images.device)
         if images.is_cuda:
             images = images.contiguous(memory_format=torch.channels_last)
+        images = (images.float() - self._mean) / self._std
+        if self.block_shuffle is not None:  # after normalisation, as the authors' code does
+            images = shuffle_blocks(images, self.block_shuffle, block_permutation(images.shape[-1] // self.block_shuffle, self.seed))
         # A copy: FFCV hands out the same label buffers again a few batches later.
-        return (images.float() - self._mean) / self._std, labels.to(torch.long, copy=True).reshape(-1)
+        return images, labels.to(torch.long, copy=True).reshape(-1)
+
+
+def block_permutation(blocks_per_side: int, seed: int) -> Tensor:
+    """The one permutation of an image's blocks_per_side^2 blocks that ``seed`` draws (on the CPU: the same on every
+    device and process)."""
+    return torch.randperm(blocks_per_side**2, generator=torch.Generator().manual_seed(seed))
+
+
+def shuffle_blocks(images: Tensor, block: int, permutation: Tensor) -> Tensor:
+    """Images (N, C, H, W) cut into block x block squares, read row by row, and laid out again in the order
+    ``permutation``: output block k is input block permutation[k]."""
+    n, c, h, w = images.shape
+    rows, cols = h // block, w // block
+    blocks = images.reshape(n, c, rows, block, cols, block).permute(0, 1, 2, 4, 3, 5).reshape(n, c, rows * cols, block, block)
+    blocks = blocks[:, :, permutation.to(images.device)]
+    out = blocks.reshape(n, c, rows, cols, block, block).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h, w)
+    return out.contiguous(memory_format=torch.channels_last) if images.is_cuda else out

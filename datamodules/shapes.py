@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -209,6 +210,10 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
         num_workers: FFCV decoding threads per process.
         seed: seed of the training order and augmentation; by default the run's (``seed_everything``).
         holdout_path: a .beton of held-out images of the same classes, for calibration's temperature.
+        task: "shapes" trains on the 60 shape x colour classes (pre-training); "texture" on the texture task
+            (``texture_train``, tested on ``texture_test``, 6 classes): the target of fine-tuning.
+        validation_split: validate on this fraction of the training images instead (``ImageClassificationData``).
+        block_shuffle: block size of the block-shuffled images (``ImageClassificationData``); a divisor of 32.
     """
 
     def __init__(
@@ -227,12 +232,18 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
         num_workers: int | None = None,
         seed: int | None = None,
         holdout_path: str | None = None,
+        task: Literal["shapes", "texture"] = "shapes",
+        validation_split: float | None = None,
+        block_shuffle: int | None = None,
     ):
+        if task not in ("shapes", "texture"):
+            raise ValueError(f"task must be 'shapes' (pre-training) or 'texture' (the transfer task), got {task!r}.")
+        train, val = ("train", "val") if task == "shapes" else ("texture_train", "texture_test")
         super().__init__(
-            train_path=str(Path(root) / "train.beton"),
-            val_path=str(Path(root) / "val.beton"),
+            train_path=str(Path(root) / f"{train}.beton"),
+            val_path=str(Path(root) / f"{val}.beton"),
             global_batch_size=global_batch_size,
-            num_classes=len(SHAPES) * NUM_COLOURS,
+            num_classes=len(SHAPES) * NUM_COLOURS if task == "shapes" else len(TEXTURES),
             image_size=image_size,
             val_resize=image_size,
             crop_scale=crop_scale,
@@ -241,6 +252,8 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
             num_workers=num_workers,
             seed=seed,
             holdout_path=holdout_path,
+            validation_split=validation_split,
+            block_shuffle=block_shuffle,
             make_hint=f"Generate it with `python -m datamodules.shapes --root {root}`.",
         )
         self.root = Path(root)
@@ -251,8 +264,11 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
             "texture_test": num_transfer_test,
         }
         self.data_seed = data_seed
+        self.task = task
 
     def transfer_paths(self) -> dict[str, tuple[str, str]]:
+        if self.task == "texture":  # the texture task is this module's own
+            return {}
         return {"texture": (str(self.root / "texture_train.beton"), str(self.root / "texture_test.beton"))}
 
     def prepare_data(self) -> None:
