@@ -9,6 +9,7 @@ the weights (0.9999 per step at batch 4096) that validation evaluates.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Literal, Optional, Union
 
 import lightning as L
@@ -24,7 +25,11 @@ from compat import training_batches_per_epoch
 from .backbones import build_backbone, residual_blocks
 from .objectives import Objective, make_objective
 
-__all__ = ["Network", "ObjectiveClassifier", "ema_decay_at", "warmup_exponential_decay"]
+__all__ = ["Network", "ObjectiveClassifier", "PretrainingError", "ema_decay_at", "warmup_cosine", "warmup_exponential_decay"]
+
+
+class PretrainingError(ValueError):
+    """A pre-training checkpoint that cannot start a fine-tuning run, said before it trains."""
 
 
 class Network(nn.Module):
@@ -43,6 +48,19 @@ class Network(nn.Module):
         """Per-block modules in forward order (hook their outputs for per-layer measurements)."""
         return residual_blocks(self.backbone)
 
+    def parts(self) -> dict[str, list[str]]:
+        """The network's parameters by module, in forward order: ``stem`` (what precedes and surrounds the blocks),
+        each block, ``head``; the units of parameter distance and module criticality (Neyshabur et al. 2020)."""
+        in_block = {f"backbone.{block}.{name}": block for block, module in self.blocks().items()
+                    for name, _ in module.named_parameters()}
+        parts: dict[str, list[str]] = {"stem": []}
+        parts.update({block: [] for block in self.blocks()})
+        parts["head"] = []
+        for name, _ in self.named_parameters():
+            part = "head" if name.startswith("head.") else in_block.get(name, "stem")
+            parts[part].append(name)
+        return {part: names for part, names in parts.items() if names}
+
 
 def warmup_exponential_decay(step: int, steps_per_epoch: int, warmup_epochs: float, decay_per_epoch: float) -> float:
     """Learning-rate factor of appendix A.1: linear warm-up to 1 over ``warmup_epochs`` (per step), then
@@ -51,6 +69,15 @@ def warmup_exponential_decay(step: int, steps_per_epoch: int, warmup_epochs: flo
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     return decay_per_epoch ** math.floor((step - warmup_steps) / steps_per_epoch)
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: float) -> float:
+    """Learning-rate factor of fine-tuning (appendix A.3): linear warm-up over ``warmup_steps``, then cosine decay
+    from 1 to 0 at ``total_steps``: 0.5 (1 + cos(pi t / T)) over the steps after the warm-up."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1.0, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def ema_decay_at(step: int, decay: float, warmup: str, batch_ratio: float = 1.0) -> float:
@@ -95,6 +122,12 @@ class ObjectiveClassifier(L.LightningModule):
             measured at early epochs describes trained weights, not the initialisation; "none": constant.
         compile: ``torch.compile`` the network's forward (in place: checkpoints keep their keys). The
             first steps are slower while it compiles; worth it for long GPU runs.
+        lr_schedule: "warmup_exponential" (appendix A.1, above) or "cosine": warm-up, then cosine decay to 0 at
+            the run's last step (fine-tuning, appendix A.3).
+        init_from: fine-tune (Neyshabur et al.'s P-T): a pre-training checkpoint whose evaluated backbone (the
+            EMA when it had one) this run starts from, with a new head for this task's ``num_classes``; the
+            backbone must be the same. None trains from random initialisation (RI-T). Loaded when fit
+            starts, before a resumed run restores its own weights over it.
 
     On a GPU the network is kept in channels_last, the layout cuDNN's convolutions are fastest in under
     bf16 (the batches arrive in it from the data module); on the CPU nothing changes.
@@ -118,6 +151,8 @@ class ObjectiveClassifier(L.LightningModule):
         ema_reference_batch: int = 4096,
         ema_warmup: Literal["tensorflow", "none"] = "tensorflow",
         compile: bool = False,
+        lr_schedule: Literal["warmup_exponential", "cosine"] = "warmup_exponential",
+        init_from: Optional[str] = None,
     ):
         super().__init__()
         if num_classes < 2:
@@ -128,6 +163,11 @@ class ObjectiveClassifier(L.LightningModule):
             raise ValueError("warmup_epochs must be >= 0 and lr_decay_per_epoch in (0, 1].")
         if ema_warmup not in ("tensorflow", "none"):
             raise ValueError(f"ema_warmup must be 'tensorflow' or 'none', got {ema_warmup!r}.")
+        if lr_schedule not in ("warmup_exponential", "cosine"):
+            raise ValueError(f"lr_schedule must be 'warmup_exponential' or 'cosine', got {lr_schedule!r}.")
+        if init_from is not None and not Path(init_from).is_file():
+            raise PretrainingError(f"model.init_from: no checkpoint {init_from}; name a pre-training run's "
+                                   f"checkpoints/last.ckpt or epochNNN.ckpt, or null to train from random initialisation.")
         self.save_hyperparameters(ignore=["objective"])
         self.objective = make_objective(objective)
         self.hparams["objective"] = self.objective.config()  # which objective and variant a run used
@@ -250,10 +290,12 @@ class ObjectiveClassifier(L.LightningModule):
             nesterov=hp.nesterov,
         )
         steps_per_epoch = self.steps_per_epoch()
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: warmup_exponential_decay(step, steps_per_epoch, hp.warmup_epochs, hp.lr_decay_per_epoch),
-        )
+        if hp.lr_schedule == "cosine":
+            total = int(self.trainer.estimated_stepping_batches)
+            factor = lambda step: warmup_cosine(step, total, hp.warmup_epochs * steps_per_epoch)  # noqa: E731
+        else:
+            factor = lambda step: warmup_exponential_decay(step, steps_per_epoch, hp.warmup_epochs, hp.lr_decay_per_epoch)  # noqa: E731
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def steps_per_epoch(self) -> int:
@@ -288,7 +330,31 @@ class ObjectiveClassifier(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.raise_if_nonfinite()
 
+    # --- fine-tuning from a pre-training checkpoint (P-T) ---
+
+    def setup(self, stage: str) -> None:
+        # Here, not in __init__: a resumed fine-tuning run restores its own weights after this hook, and
+        # load_from_checkpoint (which does not call it) needs no pre-training file.
+        if stage == "fit" and self.hparams.init_from is not None:
+            self.network.backbone.load_state_dict(pretrained_backbone(self.hparams.init_from, self.hparams))
+            if self.ema is not None:
+                self.ema.module.load_state_dict(self.network.state_dict())
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Where loaded weights stand in their run: measurements of a checkpoint outside fit
         # (``cli.py validate --ckpt_path``) are recorded at its step, not at 0.
         self.checkpoint_position = (int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0)))
+
+
+def pretrained_backbone(path: str, hparams) -> dict[str, Tensor]:
+    """The evaluated backbone weights (the EMA when on) of the checkpoint ``path``, checked against this run's
+    architecture (``hparams``)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    source = checkpoint.get("hyper_parameters", {})
+    theirs, ours = (source.get("backbone"), source.get("backbone_source")), (hparams.backbone, hparams.backbone_source)
+    if theirs != ours:
+        raise PretrainingError(f"model.init_from {path} holds a {theirs[0]} from {theirs[1]}, this run builds a {ours[0]} "
+                               f"from {ours[1]}: set model.backbone and model.backbone_source to the pre-training run's.")
+    state = checkpoint["state_dict"]
+    prefix = "ema.module.backbone." if any(k.startswith("ema.module.") for k in state) else "network.backbone."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

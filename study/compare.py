@@ -32,7 +32,7 @@ from jsonargparse import ArgumentParser
 from lightning_modules import ObjectiveClassifier
 from measurements import MinibatchCKA, PredictionAgreement, gram
 
-__all__ = ["Comparison", "ComparisonError", "compare", "load_network", "recompute_batch_norm"]
+__all__ = ["Comparison", "ComparisonError", "FixedImages", "compare", "load_network", "recompute_batch_norm"]
 
 PENULTIMATE = "penultimate"
 UNTRAINED = "@untrained"
@@ -211,28 +211,40 @@ def fixed_batches(num_images: int, batch_size: int, rank: int, world_size: int) 
     return np.concatenate([np.arange(s, min(s + batch_size, num_images)) for s in starts]) if len(starts) else np.zeros(0, int)
 
 
-class _ValidationImages(L.LightningDataModule):
-    """The run's data module's validation images in ``fixed_batches``, for ``Trainer.validate``; also the
-    training images the untrained controls' batch-norm moments are computed on."""
+class FixedImages(L.LightningDataModule):
+    """Fixed, un-augmented images of a run's data module for ``Trainer.validate``: the first ``images`` of each of
+    ``sources`` ("val", "train"; one dataloader each, in that order) in ``fixed_batches``; and the training images
+    batch-norm moments are computed on.
 
-    def __init__(self, data, batch_size: int, images: Optional[int]):
+    Args:
+        min_last_batch: refuse a last batch smaller than this (unbiased HSIC needs more than 3 images).
+    """
+
+    def __init__(self, data, batch_size: int, images: Optional[int], sources: tuple[str, ...] = ("val",),
+                 min_last_batch: int = 1):
         super().__init__()
         self.data, self.batch_size, self.images = data, batch_size, images
+        self.sources, self.min_last_batch = sources, min_last_batch
 
     def setup(self, stage: str) -> None:
         self.data.trainer = self.trainer
         self.data.setup("validate")
-        self.data.batch_size_per_process = self.batch_size  # the comparison's own batches, not training's
-        total = len(self.data.labels("val"))
-        self.count = total if self.images is None else min(self.images, total)
-        if self.count % self.batch_size in (1, 2, 3):
-            raise ComparisonError(f"{self.count} images in batches of {self.batch_size} leave a last batch of "
-                                  f"{self.count % self.batch_size}: unbiased HSIC needs more than 3 (it divides by n(n-3)); "
-                                  f"choose images or batch_size so that the last batch is full or larger.")
+        self.data.batch_size_per_process = self.batch_size  # the pass's own batches, not training's
+        self.counts = {}
+        for source in self.sources:
+            total = len(self.data.labels(source))
+            count = total if self.images is None else min(self.images, total)
+            if 0 < count % self.batch_size < self.min_last_batch:
+                raise ComparisonError(f"{count} {source} images in batches of {self.batch_size} leave a last batch of "
+                                      f"{count % self.batch_size}: unbiased HSIC needs more than 3 (it divides by n(n-3)); "
+                                      f"choose images or batch_size so that the last batch is full or larger.")
+            self.counts[source] = count
 
     def val_dataloader(self):
-        mine = fixed_batches(self.count, self.batch_size, self.trainer.global_rank, self.trainer.world_size)
-        return self.data.evaluation_dataloader("val", mine, local=True)
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        loaders = [self.data.evaluation_dataloader(source, fixed_batches(count, self.batch_size, rank, world), local=True)
+                   for source, count in self.counts.items()]
+        return loaders[0] if len(loaders) == 1 else loaders
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         return self.data.on_after_batch_transfer(batch, dataloader_idx)
@@ -259,7 +271,7 @@ def compare(networks: dict[str, str], pairs: list[tuple[str, str]] = (), matrix:
                               f"{', '.join(loaded[0].layers)}.")
     if data is None:
         data = data_module_of(run_folder_of(loaded[0].source))
-    images_module = _ValidationImages(data, batch_size, images)
+    images_module = FixedImages(data, batch_size, images, min_last_batch=4)
     trainer = trainer or L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
     module = Comparison(loaded, list(pairs), matrix_layer, list(matrix), agreement, bn_images)
     trainer.validate(module, datamodule=images_module, verbose=False)

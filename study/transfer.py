@@ -1,0 +1,268 @@
+"""What is being transferred (Neyshabur et al. 2020): loss barriers along the straight path between two networks,
+parameter distance, and module criticality (Chatterji et al. 2020), as passes on Lightning's Trainer.
+
+Every pass evaluates fixed, un-augmented images (``FixedImages``: the first ``images`` of the training set and
+of the test set, in fixed batches, each batch whole on one process) and sums per-example losses and errors in
+torchmetrics states, so the numbers are the same on any number of processes. The formulas are in
+``measurements/weight_space.py``.
+
+- Barrier: theta(lam) = (1 - lam) theta_0 + lam theta_1 for every lam of the grid, each network built when the
+  pass starts, its batch-norm moments recomputed on the same fixed training images (``recompute_batch_norm``;
+  never interpolated, which overstates the barrier), then train and test loss and error of every lam in
+  one pass over the images.
+- Criticality: for every module i, point (alpha, sigma) and noise draw, module i at (1 - alpha) theta_i^0 +
+  alpha theta_i^F plus noise of std sigma (sigma relative to the RMS of the module's final weights), the other
+  modules final; the mean training loss over the draws decides admissibility. Batch-norm moments stay the
+  final network's (the definition perturbs weights; the moments are not). Also every module rewound to
+  theta_i^0 alone, on train and test.
+
+The loss is the softmax cross-entropy of the logits as each network's objective forms them, whatever it was
+trained with, so that paths between networks of different objectives are measured in one unit.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+from typing import Optional, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from measurements.weight_space import interpolate, loss_barrier, module_criticality, parameter_distance, perturb, sigma_scale
+
+from .compare import ComparisonError, FixedImages, Loaded, check_comparable, data_module_of, load_network, recompute_batch_norm, run_folder_of
+
+__all__ = ["InterpolationPath", "Criticality", "LossSums", "barrier", "criticality", "distance"]
+
+SPLITS = ("train", "test")
+
+
+class LossSums(Metric):
+    """Summed cross-entropy, errors and examples of ``points`` networks on each split: exact under DDP (sums)."""
+
+    full_state_update = False
+
+    def __init__(self, points: int, splits: int = len(SPLITS)):
+        super().__init__()
+        self.add_state("totals", torch.zeros(splits, points, 3, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, split: int, point: int, logits: Tensor, labels: Tensor) -> None:
+        logits = logits.float()
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        errors = (logits.argmax(1) != labels).sum()
+        self.totals[split, point] += torch.stack([loss.double(), errors.double(), torch.tensor(len(labels), device=loss.device, dtype=torch.float64)])
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        """(mean loss, error rate), each splits x points."""
+        count = self.totals[..., 2].clamp(min=1)
+        return self.totals[..., 0] / count, self.totals[..., 1] / count
+
+
+class Logits(nn.Module):
+    """A classifier's logits from images, as its objective forms them: one module to call ``functional_call`` on."""
+
+    def __init__(self, loaded: Loaded, network: Optional[nn.Module] = None):
+        super().__init__()
+        self.classifier = [loaded.module]  # a list: the objective's hyper-parameters, not a submodule to copy
+        self.net = network if network is not None else loaded.module.eval_network
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.classifier[0].logits(self.net(images), self.net)
+
+
+class InterpolationPath(L.LightningModule):
+    """Loss and error along theta(lam) between two networks, on train and test (module docstring).
+
+    Args:
+        a, b: the two networks (theta_0 and theta_1).
+        lambdas: the grid; must hold 0 and 1 for the barrier, may extend beyond [0, 1].
+        recompute_bn: recompute batch-norm moments at every lam (the protocol); False interpolates them, as
+            two public barrier codes do, to show how much that overstates the barrier.
+        bn_images: training images the moments are computed on.
+    """
+
+    def __init__(self, a: Loaded, b: Loaded, lambdas: Sequence[float], recompute_bn: bool = True, bn_images: int = 2000):
+        super().__init__()
+        check_lambdas(lambdas)
+        self.a, self.b = a, b
+        self.lambdas = [float(x) for x in lambdas]
+        self.recompute_bn, self.bn_images = recompute_bn, bn_images
+        self.sums = LossSums(len(self.lambdas))
+        self.paths = nn.ModuleList()
+        self.results: dict = {}
+
+    def on_validation_start(self) -> None:
+        start, end = (x.module.eval_network.state_dict() for x in (self.a, self.b))
+        batches = list(self.trainer.datamodule.training_images(self.bn_images)) if self.recompute_bn else []
+        self.paths = nn.ModuleList()
+        for lam in self.lambdas:
+            network = copy.deepcopy(self.a.module.eval_network)
+            network.load_state_dict(interpolate(start, end, lam))
+            network.to(self.device)
+            if self.recompute_bn:  # the same images on every process, so every process gets the same moments
+                recompute_batch_norm(network, batches)
+            self.paths.append(Logits(self.a, network.eval()))
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        for point, path in enumerate(self.paths):
+            self.sums.update(dataloader_idx, point, path(images), labels)
+
+    def on_validation_epoch_end(self) -> None:
+        loss, error = (x.tolist() for x in self.sums.compute())
+        self.results = {"a": self.a.name, "b": self.b.name, "lambdas": self.lambdas, "recompute_bn": self.recompute_bn}
+        for s, split in enumerate(SPLITS):
+            self.results[split] = {"loss": loss[s], "error": error[s],
+                                   "loss_barrier": loss_barrier(self.lambdas, loss[s]),
+                                   "error_barrier": loss_barrier(self.lambdas, error[s])}
+
+
+class Criticality(L.LightningModule):
+    """Module criticality of a network against its initial weights (module docstring).
+
+    Args:
+        network: maps images to logits; its parameters are the final weights theta^F.
+        initial: theta^0, the state dict of ``network`` where training started (P-T: the pre-trained backbone
+            and the new head's initialisation; RI-T: the random initialisation).
+        parts: module name -> its parameter names in ``network``.
+        alphas: the grid of alpha in [0, 1] (0: the module rewound to theta^0, 1: final).
+        sigmas: the noise grid, relative to the RMS of each module's final weights; each > 0.
+        draws: noise draws per point (every draw perturbs every parameter of the module afresh).
+        epsilon: admissible when the mean loss <= (1 + epsilon) x the final network's loss.
+        seed: seed of the noise; a point's draws are a function of (seed, module, alpha, sigma, draw).
+    """
+
+    def __init__(self, network: nn.Module, initial: dict[str, Tensor], parts: dict[str, list[str]],
+                 alphas: Sequence[float], sigmas: Sequence[float], draws: int = 3, epsilon: float = 0.01, seed: int = 0):
+        super().__init__()
+        check_grid(alphas, sigmas, draws)
+        self.network = network.eval()
+        self.initial = {k: v.detach().clone() for k, v in initial.items()}
+        self.parts, self.alphas, self.sigmas = parts, [float(a) for a in alphas], [float(s) for s in sigmas]
+        self.draws, self.epsilon, self.seed = draws, epsilon, seed
+        final = dict(self.network.named_parameters())
+        missing = [n for names in parts.values() for n in names if n not in final or n not in self.initial]
+        if missing:
+            raise ComparisonError(f"parameters {missing[:5]} are not in both the final and the initial weights: "
+                                  f"measure criticality between two checkpoints of one run.")
+        self.scale = {part: sigma_scale(final, names) for part, names in parts.items()}
+        # Points: the final network, each module rewound, then (module, alpha, sigma, draw).
+        self.points = [("final", None, None, None)] + [(part, 0.0, 0.0, None) for part in parts]
+        self.points += [(part, a, s, d) for part in parts for a in range(len(self.alphas))
+                        for s in range(len(self.sigmas)) for d in range(draws)]
+        self.sums = LossSums(len(self.points))
+        self.results: dict = {}
+
+    def overrides(self, point: tuple, device: torch.device) -> dict[str, Tensor]:
+        part, alpha, sigma, draw = point
+        if part == "final":
+            return {}
+        final = {n: p.detach() for n, p in self.network.named_parameters() if n in self.parts[part]}
+        initial = {n: self.initial[n].to(device) for n in final}
+        if draw is None:  # rewound
+            return {n: initial[n].to(final[n].dtype).clone() for n in final}
+        generator = torch.Generator(device=device).manual_seed(_point_seed(self.seed, part, alpha, sigma, draw))
+        return perturb(initial, final, list(final), self.alphas[alpha], self.sigmas[sigma] * self.scale[part], generator)
+
+    @torch.no_grad()
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        for index, point in enumerate(self.points):
+            if dataloader_idx == 1 and point[3] is not None:
+                continue  # the test split is for the final and rewound networks only
+            logits = torch.func.functional_call(self.network, self.overrides(point, images.device), (images,))
+            self.sums.update(dataloader_idx, index, logits, labels)
+
+    def on_validation_epoch_end(self) -> None:
+        loss, error = (x.cpu().numpy() for x in self.sums.compute())
+        final_loss = float(loss[0, 0])
+        final = dict(self.network.named_parameters())
+        modules, total = {}, 0.0
+        for k, part in enumerate(self.parts, start=1):
+            rows = [i for i, p in enumerate(self.points) if p[0] == part and p[3] is not None]
+            draws = loss[0, rows].reshape(len(self.alphas), len(self.sigmas), self.draws)
+            distance_sq = parameter_distance(final, {n: self.initial[n].to(final[n].device) for n in self.parts[part]},
+                                             {part: self.parts[part]})[part] ** 2
+            mu = module_criticality(self.alphas, self.sigmas, draws.mean(2), final_loss, distance_sq, self.epsilon)
+            total = None if mu is None or total is None else total + mu
+            modules[part] = {"criticality": mu, "distance_sq": distance_sq, "sigma_unit": self.scale[part],
+                             "loss": draws.mean(2).tolist(), "loss_draws": draws.tolist(),
+                             "rewound_train_error": float(error[0, k]), "rewound_test_error": float(error[1, k]),
+                             "rewound_train_loss": float(loss[0, k])}
+        self.results = {"alphas": self.alphas, "sigmas": self.sigmas, "draws": self.draws, "epsilon": self.epsilon,
+                        "final_train_loss": final_loss, "final_train_error": float(error[0, 0]),
+                        "final_test_error": float(error[1, 0]), "modules": modules, "network_criticality": total}
+
+
+def _point_seed(seed: int, part: str, alpha: int, sigma: int, draw: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{part}/{alpha}/{sigma}/{draw}".encode()).digest()[:7], "little")
+
+
+def check_lambdas(lambdas: Sequence[float]) -> None:
+    if len(lambdas) == 0:
+        raise ComparisonError("The lambda grid is empty; give points along the path, e.g. lambdas: [0, 0.1, ..., 1] "
+                              "(0 and 1, the two networks, are needed for the barrier).")
+    if 0 not in lambdas or 1 not in lambdas:
+        raise ComparisonError(f"The lambda grid {list(lambdas)} must hold 0 and 1 (the two networks): the barrier is "
+                              f"measured against the straight line between their losses.")
+
+
+def check_grid(alphas: Sequence[float], sigmas: Sequence[float], draws: int) -> None:
+    if len(alphas) == 0 or any(not 0 <= a <= 1 for a in alphas):
+        raise ComparisonError(f"The alpha grid {list(alphas)} must be non-empty, in [0, 1] (0: the module at its initial "
+                              f"weights, 1: final), e.g. [0.25, 0.5, 0.75, 1].")
+    if len(sigmas) == 0 or any(s <= 0 for s in sigmas):
+        raise ComparisonError(f"The sigma grid {list(sigmas)} must be non-empty and positive (noise std relative to the "
+                              f"RMS of the module's weights), e.g. [0.01, 0.03, 0.1, 0.3].")
+    if draws < 1:
+        raise ComparisonError(f"draws={draws}: take at least one noise draw per point (several average out the noise).")
+
+
+# --- commands (python -m study {barrier,distance,criticality}) ---
+
+def _trainer(trainer: Optional[L.Trainer]) -> L.Trainer:
+    return trainer or L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+
+
+def barrier(a: str, b: str, lambdas: Sequence[float], data=None, images: int = 1000, batch_size: int = 250,
+            bn_images: int = 2000, recompute_bn: bool = True, trainer: Optional[L.Trainer] = None) -> dict:
+    """Loss and error along the straight path between the checkpoints ``a`` and ``b`` (run folders or .ckpt)
+    on the first ``images`` training and test images of ``data`` (a's run's data module by default)."""
+    check_lambdas(lambdas)
+    loaded = [load_network("a", a), load_network("b", b)]
+    check_comparable(loaded)
+    data = data if data is not None else data_module_of(run_folder_of(loaded[0].source))
+    module = InterpolationPath(*loaded, lambdas, recompute_bn, bn_images)
+    _trainer(trainer).validate(module, datamodule=FixedImages(data, batch_size, images, ("train", "val")), verbose=False)
+    return {**module.results, "a": a, "b": b}
+
+
+def distance(a: str, b: str) -> dict[str, float]:
+    """||theta_a - theta_b||_2 of the evaluated weights, whole network ("all") and per module (``Network.parts``)."""
+    loaded = [load_network("a", a), load_network("b", b)]
+    check_comparable(loaded)
+    nets = [x.module.eval_network for x in loaded]
+    return parameter_distance(dict(nets[0].named_parameters()), dict(nets[1].named_parameters()), nets[0].parts())
+
+
+def criticality(final: str, initial: str, alphas: Sequence[float], sigmas: Sequence[float], draws: int = 3,
+                epsilon: float = 0.01, seed: int = 0, data=None, images: int = 1000, batch_size: int = 250,
+                trainer: Optional[L.Trainer] = None) -> dict:
+    """Module criticality of the checkpoint ``final`` against ``initial`` (the same run's starting weights, e.g.
+    ``checkpoints/epoch000.ckpt``) on the first ``images`` training (and, for rewinding, test) images."""
+    check_grid(alphas, sigmas, draws)
+    loaded = [load_network("final", final), load_network("initial", initial)]
+    check_comparable(loaded)
+    data = data if data is not None else data_module_of(run_folder_of(loaded[0].source))
+    logits = Logits(loaded[0])
+    parts = {part: [f"net.{n}" for n in names] for part, names in loaded[0].module.eval_network.parts().items()}
+    initial_state = {f"net.{k}": v for k, v in loaded[1].module.eval_network.state_dict().items()}
+    module = Criticality(logits, initial_state, parts, alphas, sigmas, draws, epsilon, seed)
+    _trainer(trainer).validate(module, datamodule=FixedImages(data, batch_size, images, ("train", "val")), verbose=False)
+    return {**module.results, "final": final, "initial": initial}

@@ -1,0 +1,138 @@
+"""Fine-tuning (P-T and RI-T) and the passes on its checkpoints: barriers with batch-norm recomputed, parameter
+distance, module criticality; on the embedded shapes data, end to end."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cli
+from datamodules import EmbeddedShapesDataModule
+from lightning_modules import ObjectiveClassifier
+from lightning_modules.classifier import PretrainingError
+from study.compare import data_module_of, load_network
+from study.transfer import barrier, criticality, distance
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = ["--data.init_args.num_train=1024", "--data.init_args.num_val=256", "--data.init_args.num_transfer_train=128",
+         "--data.init_args.num_transfer_test=128"]
+
+
+def transfer_run(config: str, folder: Path, shapes_root: Path, *extra: str):
+    return cli.main(["fit", "--config", str(REPO / "configs" / "transfer" / config), f"--data.init_args.root={shapes_root}",
+                     *SIZES, f"--trainer.default_root_dir={folder}", "--trainer.enable_model_summary=false", *extra])
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(tmp_path_factory, shapes_root):
+    """A pre-trained network (one epoch), and P-T (two seeds) and RI-T fine-tuned from it on the texture task."""
+    root = tmp_path_factory.mktemp("transfer")
+    transfer_run("pretrain.yaml", root / "pre", shapes_root, "--trainer.max_epochs=1", "--checkpoints.epochs=[0]",
+                 "--data.init_args.global_batch_size=64")
+    pretrained = root / "pre" / "softmax" / "seed0" / "checkpoints" / "last.ckpt"
+    tune = ["--data.init_args.global_batch_size=32", "--trainer.max_steps=8", "--trainer.val_check_interval=4"]
+    runs = {
+        "p_t": transfer_run("finetune.yaml", root / "p_t", shapes_root, f"--model.init_from={pretrained}", *tune),
+        "p_t_seed1": transfer_run("finetune.yaml", root / "p_t", shapes_root, f"--model.init_from={pretrained}",
+                                  "--seed_everything=1", *tune),
+        "ri_t": transfer_run("finetune.yaml", root / "ri_t", shapes_root, "--model.init_from=null", *tune),
+    }
+    folders = {name: Path(run.trainer.log_dir) for name, run in runs.items()}
+    return pretrained, folders
+
+
+def backbone(checkpoint: Path) -> dict:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    return {k.removeprefix("network.backbone."): v for k, v in state.items() if k.startswith("network.backbone.")}
+
+
+def test_p_t_starts_from_the_pretrained_ema_with_a_new_head_and_ri_t_from_fresh_weights(fine_tuned):
+    pretrained, folders = fine_tuned
+    state = torch.load(pretrained, map_location="cpu", weights_only=False)["state_dict"]
+    ema = {k.removeprefix("ema.module.backbone."): v for k, v in state.items() if k.startswith("ema.module.backbone.")}
+    trained = {k.removeprefix("network.backbone."): v for k, v in state.items() if k.startswith("network.backbone.")}
+    assert any(not torch.equal(ema[k], trained[k]) for k in ema)  # the EMA is not the trained weights themselves
+    start = backbone(folders["p_t"] / "checkpoints" / "epoch000.ckpt")
+    for key, value in ema.items():
+        torch.testing.assert_close(start[key], value, rtol=0, atol=0, msg=key)
+    head = torch.load(folders["p_t"] / "checkpoints" / "epoch000.ckpt", weights_only=False)["state_dict"]["network.head.weight"]
+    assert head.shape[0] == 6  # the texture task's classes, not pre-training's 60
+    random = backbone(folders["ri_t"] / "checkpoints" / "epoch000.ckpt")
+    assert all(not torch.equal(random[k], ema[k]) for k in ema if k.endswith("conv1.weight"))
+    for folder in folders.values():  # fine-tuning ran, and scored the texture test set along the way
+        assert (folder / "checkpoints" / "finished.json").is_file()
+
+
+def test_barriers_recompute_batch_norm_and_reproduce_their_ends(fine_tuned, shapes_root):
+    _, folders = fine_tuned
+    a, b = str(folders["p_t"]), str(folders["ri_t"])
+    lambdas = [0.0, 0.25, 0.5, 0.75, 1.0]
+    plain = barrier(a, b, lambdas, images=128, batch_size=64, bn_images=128, recompute_bn=False)
+    # lambda = 0 and 1 are the checkpoints themselves: their losses, evaluated directly.
+    for end, index in ((a, 0), (b, -1)):
+        assert plain["test"]["loss"][index] == pytest.approx(direct_loss(end), rel=1e-6)
+    recomputed = barrier(a, b, lambdas, images=128, batch_size=64, bn_images=128)
+    # Interpolated running moments fit neither network at the midpoint: the barrier comes out higher.
+    assert plain["test"]["loss_barrier"] > recomputed["test"]["loss_barrier"]
+    itself = barrier(a, a, lambdas, images=128, batch_size=64, bn_images=128)
+    assert itself["train"]["loss_barrier"] == pytest.approx(0.0, abs=1e-6) and itself["test"]["error_barrier"] == pytest.approx(0.0, abs=1e-9)
+    d = distance(a, str(folders["p_t_seed1"]))
+    assert distance(a, a)["all"] == 0.0 and d["all"] > 0
+    assert d["all"] == pytest.approx(np.sqrt(sum(v**2 for k, v in d.items() if k != "all")))
+
+
+def direct_loss(run: str) -> float:
+    """The softmax cross-entropy of a run's checkpoint on the first 128 test images, evaluated as validation would."""
+    loaded = load_network("x", run)
+    data = data_module_of(Path(run))
+    data.setup("validate")
+    data.batch_size_per_process = 64
+    total = 0.0
+    with torch.no_grad():
+        for batch in data.evaluation_dataloader("val", np.arange(128), local=True):
+            images, labels = data.on_after_batch_transfer(batch, 0)
+            total += float(torch.nn.functional.cross_entropy(loaded.module(images), labels, reduction="sum"))
+    return total / 128
+
+
+def test_criticality_of_a_fine_tuned_network_against_its_start(fine_tuned):
+    _, folders = fine_tuned
+    run = folders["p_t"]
+    result = criticality(str(run), str(run / "checkpoints" / "epoch000.ckpt"), alphas=[0.0, 0.5, 1.0], sigmas=[0.05, 0.2],
+                         draws=2, images=128, batch_size=64)
+    modules = result["modules"]
+    assert list(modules) == ["stem", "layer1.0", "layer2.0", "layer3.0", "layer4.0", "head"]
+    for part in modules.values():
+        assert part["criticality"] is None or part["criticality"] >= 0
+        assert np.array(part["loss_draws"]).shape == (3, 2, 2)
+    assert 0 <= result["final_train_error"] <= 1
+
+
+def test_a_pretraining_checkpoint_of_another_architecture_is_refused_naming_both(fine_tuned):
+    pretrained, _ = fine_tuned
+    module = ObjectiveClassifier(num_classes=6, global_batch_size=32, backbone="resnet10t", backbone_source="timm",
+                                 init_from=str(pretrained))
+    with pytest.raises(PretrainingError, match=r"holds a test_resnet from timm, this run builds a resnet10t from timm"):
+        module.setup("fit")
+    with pytest.raises(PretrainingError, match="no checkpoint"):
+        ObjectiveClassifier(num_classes=6, init_from="runs/none/last.ckpt")
+
+
+def test_a_validation_split_holds_out_training_images_and_leaves_the_test_set_alone(shapes_root):
+    data = EmbeddedShapesDataModule(root=str(shapes_root), num_train=1024, num_val=256, num_transfer_train=128,
+                                    num_transfer_test=128, task="texture", validation_split=0.25, num_workers=1)
+    every = data.source_labels("train")
+    kept, held = data.resolve("train")[1], data.resolve("val")[1]
+    assert len(np.intersect1d(kept, held)) == 0 and len(kept) + len(held) == len(every) == 128
+    assert data.labels("val").tolist() == every[held].tolist()
+    assert np.bincount(data.labels("val"), minlength=6).min() >= 1  # every class is validated
+    data.setup("validate")
+    data.batch_size_per_process = 16
+    val = torch.cat([data.on_after_batch_transfer(b, 0)[0] for b in data.val_dataloader()])
+    plain = EmbeddedShapesDataModule(root=str(shapes_root), num_train=1024, num_val=256, num_transfer_train=128,
+                                     num_transfer_test=128, task="texture", num_workers=1)
+    plain.setup("validate")
+    plain.batch_size_per_process = 16
+    direct = torch.cat([plain.on_after_batch_transfer(b, 0)[0] for b in plain.evaluation_dataloader("train", held)])
+    torch.testing.assert_close(val, direct, rtol=0, atol=0)  # the held-out training images, not texture_test

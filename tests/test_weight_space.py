@@ -1,0 +1,223 @@
+"""The weight-space mathematics of Neyshabur et al. against brute force: interpolation, barrier, parameter
+distance, batch-norm recomputation, module criticality; and block shuffling of images."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from datamodules import block_permutation, shuffle_blocks
+from datamodules.beton import WriterSettings
+from datamodules.convert import folder
+from measurements.weight_space import interpolate, loss_barrier, module_criticality, parameter_distance, perturb
+from study.compare import recompute_batch_norm
+from study.transfer import Criticality, LossSums, check_grid, check_lambdas
+from study.compare import ComparisonError
+from tests.helpers import ffcv_datamodule
+from tests.test_data import folder_datamodule
+
+
+def bn_net(seed):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    net(torch.randn(2, 3, 6, 6))
+    net.train()
+    for _ in range(3):  # running moments and a counter of their own
+        net(torch.randn(5, 3, 6, 6) * (seed + 1))
+    return net
+
+
+def test_interpolation_reproduces_both_ends_bit_for_bit_and_never_interpolates_the_counter():
+    a, b = bn_net(0).state_dict(), bn_net(1).state_dict()
+    b["1.num_batches_tracked"] = torch.tensor(99)
+    for lam, end in ((0.0, a), (1.0, b)):
+        path = interpolate(a, b, lam)
+        for key in a:
+            if key.endswith("num_batches_tracked"):
+                assert path[key] == a[key]  # a counter, taken from the first network
+            else:
+                assert torch.equal(path[key], end[key]), key
+    middle = interpolate(a, b, 0.3)
+    torch.testing.assert_close(middle["0.weight"], 0.7 * a["0.weight"] + 0.3 * b["0.weight"])
+    torch.testing.assert_close(interpolate(a, b, 2.0)["0.weight"], 2 * b["0.weight"] - a["0.weight"])  # extrapolated
+    with pytest.raises(ValueError, match="one architecture"):
+        interpolate(a, {k: v for k, v in b.items() if k != "0.bias"}, 0.5)
+
+
+def test_barrier_is_the_largest_rise_above_the_chord():
+    lams = [-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5]
+    values = [9.0, 1.0, 2.5, 4.0, 2.0, 3.0, 9.0]
+    brute = max(v - ((1 - l) * 1.0 + l * 3.0) for l, v in zip(lams, values) if 0 <= l <= 1)
+    assert loss_barrier(lams, values) == pytest.approx(brute) == pytest.approx(2.0)
+    assert loss_barrier(lams[1:-1], [1 + 2 * l for l in lams[1:-1]]) == pytest.approx(0.0)  # a straight path
+    with pytest.raises(ValueError, match="lam = 0 and lam = 1"):
+        loss_barrier([0.0, 0.5], [1.0, 2.0])
+
+
+def test_parameter_distance_whole_and_per_module():
+    a, b = dict(bn_net(0).named_parameters()), dict(bn_net(1).named_parameters())
+    parts = {"conv": ["0.weight", "0.bias"], "rest": ["1.weight", "1.bias", "4.weight", "4.bias"]}
+    d = parameter_distance(a, b, parts)
+    flat = lambda net, names: torch.cat([net[n].detach().flatten() for n in names])  # noqa: E731
+    assert d["conv"] == pytest.approx(float(torch.linalg.norm(flat(a, parts["conv"]) - flat(b, parts["conv"]))))
+    everything = parts["conv"] + parts["rest"]
+    assert d["all"] == pytest.approx(float(torch.linalg.norm(flat(a, everything) - flat(b, everything))), rel=1e-6)
+
+
+def test_recomputed_batch_norm_moments_are_the_batches_mean_and_variance():
+    net = bn_net(0)
+    batches = [torch.randn(7, 3, 6, 6) + 2 for _ in range(3)]
+    recompute_batch_norm(net, batches)
+    conv = net[0]
+    with torch.no_grad():
+        outs = [conv(x) for x in batches]  # BN's input
+    # momentum=None: the cumulative average of each batch's mean and unbiased variance.
+    mean = torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0)
+    var = torch.stack([o.transpose(0, 1).flatten(1).var(1, unbiased=True) for o in outs]).mean(0)
+    torch.testing.assert_close(net[1].running_mean, mean)
+    torch.testing.assert_close(net[1].running_var, var)
+    assert not net.training or net[1].momentum == 0.1  # the momentum is given back
+
+
+def test_criticality_matches_a_brute_force_search():
+    alphas, sigmas = [0.0, 0.5, 1.0], [0.1, 1.0]
+    losses = np.array([[3.0, 5.0], [1.005, 2.0], [1.0, 1.2]])
+    mu = module_criticality(alphas, sigmas, losses, final_loss=1.0, distance_sq=4.0, epsilon=0.01)
+    brute = min((a / s) ** 2 * 4.0 for (i, a), (j, s) in itertools.product(enumerate(alphas), enumerate(sigmas))
+                if losses[i, j] <= 1.01)
+    assert mu == pytest.approx(brute) == pytest.approx(100.0)  # (0.5 / 0.1)^2 x 4 beats (1 / 0.1)^2 x 4
+    assert module_criticality(alphas, sigmas, losses + 10, 1.0, 4.0) is None  # nothing admissible
+
+
+def test_every_noise_draw_perturbs_every_parameter_of_the_module():
+    initial = {"w": torch.zeros(3, 3), "b": torch.zeros(3)}
+    final = {"w": torch.ones(3, 3), "b": torch.ones(3)}
+    generator = torch.Generator().manual_seed(0)
+    draws = [perturb(initial, final, ["w", "b"], 0.5, 0.1, generator) for _ in range(3)]
+    for draw in draws:
+        for name in ("w", "b"):
+            noise = draw[name] - 0.5
+            assert (noise != 0).all() and 0.02 < noise.std() < 0.3, name
+    assert not torch.equal(draws[0]["w"], draws[1]["w"]) and not torch.equal(draws[1]["b"], draws[2]["b"])
+
+
+class _Pairs(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+class _Toy(torch.nn.Module):
+    """A feature map that training barely moved (``lower``) and a classifier trained from zero (``upper``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lower = nn.Linear(2, 2)
+        self.upper = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.upper(self.lower(x))
+
+
+def test_criticality_tells_a_critical_module_from_one_that_is_not():
+    import lightning as L
+
+    torch.manual_seed(0)
+    x = torch.randn(400, 2)
+    y = (x[:, 0] > 0).long()
+    net = _Toy()
+    with torch.no_grad():
+        net.lower.weight.copy_(torch.eye(2))
+        net.lower.bias.zero_()
+        net.upper.weight.copy_(torch.tensor([[-8.0, 0.0], [8.0, 0.0]]))
+        net.upper.bias.zero_()
+    initial = {k: v.clone() for k, v in net.state_dict().items()}
+    initial["lower.weight"] = torch.eye(2) + 0.05 * torch.randn(2, 2)  # where the lower module started: close
+    initial["upper.weight"] = torch.zeros(2, 2)  # the classifier started from nothing
+    parts = {"lower": ["lower.weight", "lower.bias"], "upper": ["upper.weight", "upper.bias"]}
+
+    class Data(L.LightningDataModule):
+        def val_dataloader(self):
+            return [torch.utils.data.DataLoader(_Pairs(x, y), batch_size=100)] * 2
+
+    module = Criticality(net, initial, parts, alphas=[0.0, 0.25, 0.5, 0.75, 1.0], sigmas=[0.01, 0.03, 0.1, 0.3], draws=3)
+    L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False).validate(module, datamodule=Data(), verbose=False)
+    result = module.results["modules"]
+    lower, upper = result["lower"]["criticality"], result["upper"]["criticality"]
+    assert lower is not None and upper is not None and lower < upper / 10, (lower, upper)
+    assert result["upper"]["rewound_test_error"] == pytest.approx(0.5, abs=0.1)  # zero classifier: chance
+    assert result["lower"]["rewound_test_error"] < 0.05
+    draws = np.array(result["upper"]["loss_draws"])
+    assert (draws.std(axis=2)[:, 1:] > 0).all()  # the draws of a point differ: each perturbed the module
+    assert module.results["network_criticality"] == pytest.approx(lower + upper)
+
+
+def test_empty_or_invalid_grids_are_refused_before_any_pass():
+    with pytest.raises(ComparisonError, match="lambda grid is empty"):
+        check_lambdas([])
+    with pytest.raises(ComparisonError, match="must hold 0 and 1"):
+        check_lambdas([0.0, 0.5])
+    with pytest.raises(ComparisonError, match="sigma grid"):
+        check_grid([0.5, 1.0], [], 3)
+    with pytest.raises(ComparisonError, match="alpha grid"):
+        check_grid([], [0.1], 3)
+
+
+def test_loss_sums_are_the_mean_cross_entropy_and_error():
+    sums = LossSums(points=1)
+    logits, labels = torch.randn(10, 3), torch.randint(0, 3, (10,))
+    sums.update(0, 0, logits[:6], labels[:6])
+    sums.update(0, 0, logits[6:], labels[6:])
+    loss, error = sums.compute()
+    assert float(loss[0, 0]) == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-6)
+    assert float(error[0, 0]) == pytest.approx(float((logits.argmax(1) != labels).double().mean()))
+
+
+# --- block shuffle ---
+
+def test_a_known_permutation_of_blocks_gives_the_expected_pixels():
+    image = torch.arange(16.0).view(1, 1, 4, 4)  # blocks of 2: [0 1 4 5], [2 3 6 7], [8 9 12 13], [10 11 14 15]
+    out = shuffle_blocks(image, 2, torch.tensor([3, 2, 1, 0]))
+    assert out[0, 0].tolist() == [[10, 11, 8, 9], [14, 15, 12, 13], [2, 3, 0, 1], [6, 7, 4, 5]]
+    assert torch.equal(shuffle_blocks(image, 4, block_permutation(1, 0)), image)  # one block: the identity
+    images = torch.randn(5, 3, 8, 8)
+    perm = block_permutation(4, seed=3)
+    out = shuffle_blocks(images, 2, perm)
+    for i in range(5):  # the same permutation for every image
+        assert torch.equal(out[i:i + 1], shuffle_blocks(images[i:i + 1], 2, perm))
+    assert torch.equal(block_permutation(4, 3), perm) and not torch.equal(block_permutation(4, 4), perm)
+
+
+def test_ffcv_and_folder_modules_shuffle_the_same_blocks_for_train_and_test(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "tree" / cls).mkdir(parents=True)
+        for i in range(2):  # exactly the evaluation size: both pipelines leave the pixels as they are
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "tree" / cls / f"{i}.png")
+    beton = folder(str(tmp_path / "tree"), str(tmp_path / "tree.beton"),
+                   WriterSettings(write_mode="raw", max_resolution=None, num_workers=1))
+    plain = ffcv_datamodule(beton, global_batch_size=4)
+    plain.setup("validate")
+    reference, _ = plain.on_after_batch_transfer(next(iter(plain.val_dataloader())), 0)
+    expected = shuffle_blocks(reference, 8, block_permutation(4, seed=5))
+    for data in (ffcv_datamodule(beton, global_batch_size=4, block_shuffle=8, seed=5),
+                 folder_datamodule(tmp_path / "tree", val_resize=32, block_shuffle=8, seed=5)):
+        data.setup("validate")
+        val, _ = data.on_after_batch_transfer(next(iter(data.val_dataloader())), 0)
+        torch.testing.assert_close(val, expected, atol=1e-5, rtol=0)
+        train = data.evaluation_dataloader("train", np.arange(4))  # what the training split is shuffled with
+        images, _ = data.on_after_batch_transfer(next(iter(train)), 0)
+        torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
+
+
+def test_a_block_size_that_does_not_divide_the_image_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"block_shuffle=5 does not divide the image size \[32\]; choose one of \[1, 2, 4, 8, 16, 32\]"):
+        ffcv_datamodule(tmp_path / "x.beton", block_shuffle=5)
