@@ -1,10 +1,12 @@
-"""``python -m study {run,submit,analyse,report,cka} --help``: a study from its YAML file to its report.
+"""``python -m study {run,submit,analyse,report,cka,barrier,criticality} --help``: a study from its YAML file to its report.
 
     python -m study run configs/studies/embedded.yaml        # every run, one after another, then the analysis
     python -m study submit configs/studies/imagenet.yaml --sbatch "[--partition=gpu]"   # SLURM array + analysis job
     python -m study analyse configs/studies/embedded.yaml    # CKA and agreement (Trainer), then the report
     python -m study report configs/studies/embedded.yaml     # the report alone, from what the runs measured
     python -m study cka --pairs "[[runs/a/seed0, runs/b/seed0]]" --out cka/   # CKA of any checkpoints
+    python -m study barrier runs/transfer/p_t/softmax/seed0 runs/transfer/p_t/softmax/seed1 --out barrier/
+    python -m study criticality runs/transfer/p_t/softmax/seed0 --out criticality/   # against its epoch000.ckpt
 """
 
 from __future__ import annotations
@@ -105,6 +107,23 @@ def analyse(study: str, accelerator: str = "auto", devices: str = "auto", num_no
         seconds = time.perf_counter() - start
         print(f"CKA and agreement of {len(networks)} networks: {seconds:.0f} s", flush=True)
         record_time(spec.report, "cka", seconds)
+    if spec.transfer is not None:
+        import lightning as L
+
+        from .transfer import analyse_transfer
+
+        trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False)
+        start = time.perf_counter()
+        found = analyse_transfer(spec, trainer)
+        if not trainer.is_global_zero:
+            return
+        spec.report.mkdir(parents=True, exist_ok=True)
+        (spec.report / "transfer.json").write_text(json.dumps(found, indent=1))
+        seconds = time.perf_counter() - start
+        print(f"transfer: {len(found['barriers'])} barrier pairs, {len(found['criticality'])} criticality runs: {seconds:.0f} s",
+              flush=True)
+        record_time(spec.report, "transfer analysis", seconds)
     report(study, cka_file=str(spec.report / "cka.json") if cka else None)
 
 
@@ -124,8 +143,11 @@ def report(source: str, out: Optional[str] = None, cka_file: Optional[str] = Non
     folder = Path(out) if out else (spec.report if spec else Path(source) / "report")
     cka_path = Path(cka_file) if cka_file else folder / "cka.json"
     cka = json.loads(cka_path.read_text()) if cka_path.is_file() else None
+    transfer_path = folder / "transfer.json"
+    transfer = json.loads(transfer_path.read_text()) if spec and spec.transfer and transfer_path.is_file() else None
     start = time.perf_counter()
-    path = write_report(collected, folder, title=f"Study {spec.path.stem}" if spec else f"Runs in {source}", cka=cka)
+    path = write_report(collected, folder, title=f"Study {spec.path.stem}" if spec else f"Runs in {source}", cka=cka,
+                        transfer=transfer)
     seconds = time.perf_counter() - start
     record_time(folder, "report", seconds)
     print(f"report: {path} ({len(collected.runs)} runs, {len(collected.missing)} missing; {seconds:.1f} s)")
@@ -178,5 +200,81 @@ def cka(pairs: Optional[list[tuple[str, str]]] = None, out: str = "cka", matrix:
         print(f"CKA: {folder / 'cka.json'}, {folder / 'figure2_cka.png'}")
 
 
+def _pass_trainer(accelerator: str, devices: str, num_nodes: int):
+    import lightning as L
+
+    return L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False)
+
+
+def barrier(a: str, b: str, out: str = "barrier", lambdas: Optional[list[float]] = None, images: int = 1000,
+            bn_images: int = 2000, batch_size: int = 250, accelerator: str = "auto", devices: str = "auto", num_nodes: int = 1) -> None:
+    """Loss and error along the straight path between two checkpoints (run folders or .ckpt), with batch-norm
+    moments recomputed at every lambda and, for comparison, interpolated; their parameter distance. Writes
+    <out>/barrier.json and <out>/barrier.png.
+
+    Args:
+        a: theta_0.
+        b: theta_1.
+        out: folder for the results.
+        lambdas: the grid (default: -0.5 to 1.5 in steps of 0.1); must hold 0 and 1.
+        images: training and test images evaluated at every lambda.
+        bn_images: training images the moments are recomputed on.
+        batch_size: images per batch.
+    """
+    from . import transfer
+    from .spec import TransferPlan
+    from .transfer_report import figure_barriers
+
+    trainer = _pass_trainer(accelerator, devices, num_nodes)
+    lambdas = TransferPlan.lambdas if lambdas is None else lambdas
+    entry = {"a": a, "b": b, "lambdas": list(lambdas), "distance": transfer.distance(a, b)}
+    for key, recompute in (("recomputed", True), ("interpolated", False)):
+        path = transfer.barrier(a, b, lambdas, images=images, batch_size=batch_size, bn_images=bn_images,
+                                recompute_bn=recompute, trainer=trainer)
+        entry[key] = {split: path[split] for split in transfer.SPLITS}
+    if trainer.is_global_zero:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "barrier.json").write_text(json.dumps(entry, indent=1))
+        figure_barriers([entry], folder / "barrier.png")
+        r = entry["recomputed"]["test"]
+        print(f"test loss barrier {r['loss_barrier']:.4f}, error barrier {r['error_barrier']:.4f} (interpolated moments: "
+              f"{entry['interpolated']['test']['loss_barrier']:.4f}); {folder / 'barrier.json'}")
+
+
+def criticality(run: str, initial: Optional[str] = None, out: str = "criticality", alphas: Optional[list[float]] = None,
+                sigmas: Optional[list[float]] = None, draws: int = 3, epsilon: float = 0.01, images: int = 1000,
+                batch_size: int = 250, accelerator: str = "auto", devices: str = "auto", num_nodes: int = 1) -> None:
+    """Module criticality of a checkpoint against its starting weights; writes <out>/criticality.json and a figure.
+
+    Args:
+        run: a run folder or .ckpt (the final weights).
+        initial: the starting weights (default: <run>/checkpoints/epoch000.ckpt).
+        out: folder for the results.
+        alphas: alpha grid in [0, 1].
+        sigmas: sigma grid, relative to the RMS of each module's weights.
+        draws: noise draws per point.
+        epsilon: admissible when the mean loss is within (1 + epsilon) of the final network's.
+        images: training (and, for rewinding, test) images evaluated at every point.
+        batch_size: images per batch.
+    """
+    from . import transfer
+    from .spec import TransferPlan
+    from .transfer_report import figure_criticality
+
+    initial = initial or str(Path(run) / "checkpoints" / "epoch000.ckpt")
+    trainer = _pass_trainer(accelerator, devices, num_nodes)
+    found = transfer.criticality(run, initial, alphas or TransferPlan.alphas, sigmas or TransferPlan.sigmas, draws, epsilon,
+                                 images=images, batch_size=batch_size, trainer=trainer)
+    if trainer.is_global_zero:
+        found["run"] = run
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "criticality.json").write_text(json.dumps(found, indent=1))
+        figure_criticality([found], folder / "criticality.png")
+        print(", ".join(f"{p}: {m['criticality']}" for p, m in found["modules"].items()) + f"; {folder / 'criticality.json'}")
+
+
 if __name__ == "__main__":
-    CLI([run, submit, analyse, report, cka])
+    CLI([run, submit, analyse, report, cka, barrier, criticality])

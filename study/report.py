@@ -182,8 +182,12 @@ def _final(tag: str):
     return lambda run: run.final.get(tag, math.nan)
 
 
-def write_report(collected: Collected, out: Path, title: str = "Study", cka: Optional[dict] = None) -> Path:
-    """Write results.csv, report.md and the figures of ``collected`` runs into ``out``; returns report.md."""
+def write_report(collected: Collected, out: Path, title: str = "Study", cka: Optional[dict] = None,
+                 transfer: Optional[dict] = None) -> Path:
+    """Write results.csv, report.md and the figures of ``collected`` runs into ``out``, with the section on what is
+    transferred when the study measured it (``transfer``: ``study/transfer_report.py``); returns report.md."""
+    if not collected.runs and transfer is not None:  # a transfer study: its runs measure nothing at the end of fit
+        return write_transfer_only(out, title, transfer)
     if not collected.runs:
         where = "\n".join(f"  {p}" for p in collected.looked_in[:20]) or "  (nowhere: the study lists no runs)"
         missing = "".join(f"\n  {name}: {why}" for name, why in collected.missing[:20])
@@ -256,7 +260,24 @@ def write_report(collected: Collected, out: Path, title: str = "Study", cka: Opt
         figures.append(figure_two(cka, out / "figure2_cka.png"))
         figures.append(figure_agreement(cka, out / "figure_c4_agreement.png"))
         lines += cka_section(cka)
+    if transfer is not None:
+        from .transfer_report import transfer_section
+
+        section, found = transfer_section(transfer, out)
+        lines += section
+        figures += found
     lines += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures if f is not None] + [""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def write_transfer_only(out: Path, title: str, transfer: dict) -> Path:
+    from .transfer_report import transfer_section
+
+    out.mkdir(parents=True, exist_ok=True)
+    section, figures = transfer_section(transfer, out)
+    lines = [f"# {title}", "", *section, "## Figures", "", *[f"![{f.stem}]({f.name})" for f in figures], ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report

@@ -17,6 +17,11 @@
       images: null          # the first this many validation images (all by default)
     agreement: true         # prediction agreement between the matrix's runs (Figure C.4)
 
+An experiment may also be a variant of a config: ``{name: ri_t, config: configs/transfer/finetune.yaml,
+overrides: [--model.init_from=null, --trainer.default_root_dir=runs/transfer/ri_t]}`` (its own folder, since
+the folder is named by the objective). ``transfer:`` adds Neyshabur et al.'s passes on the runs' checkpoints
+(``TransferPlan``: barriers between pairs, module criticality against each run's ``epoch000.ckpt``).
+
 A run is ``<experiment>/seed<k>``; it lives in the folder ``cli.py fit`` names for it (``cli.run_folder``).
 """
 
@@ -29,7 +34,7 @@ from typing import Optional
 
 import yaml
 
-__all__ = ["CKAPlan", "Run", "Study", "StudyError", "UNTRAINED"]
+__all__ = ["CKAPlan", "Run", "Study", "StudyError", "TransferPlan", "UNTRAINED"]
 
 UNTRAINED = "@untrained"  # a run's architecture at initialisation, its BN moments computed on training images
 RUN_NAME = re.compile(r"^(?P<experiment>[^/@]+)/seed(?P<seed>\d+)(?P<untrained>@untrained)?$")
@@ -68,6 +73,25 @@ class CKAPlan:
     images: Optional[int] = None  # the first this many validation images; all by default
 
 
+@dataclass(frozen=True)
+class TransferPlan:
+    """What is transferred (``study/transfer.py``): loss and error barriers between ``pairs`` of runs along
+    ``lambdas`` (batch-norm moments recomputed on ``bn_images`` training images, and, to show the difference,
+    interpolated), parameter distances of the same pairs, and the module criticality of ``criticality`` runs
+    against their starting weights, on the first ``images`` training and test images."""
+
+    pairs: tuple[tuple[str, str], ...] = ()
+    lambdas: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(-5, 16))  # [-0.5, 1.5] in steps of 0.1
+    criticality: tuple[str, ...] = ()
+    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
+    sigmas: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
+    draws: int = 3
+    epsilon: float = 0.01
+    images: int = 1000
+    bn_images: int = 2000
+    batch_size: int = 250
+
+
 @dataclass
 class Study:
     path: Path
@@ -77,10 +101,14 @@ class Study:
     report: Path = Path("report")
     cka: Optional[CKAPlan] = None
     agreement: bool = False
+    variants: dict[str, tuple[str, ...]] = field(default_factory=dict)  # an experiment's own overrides
+    transfer: Optional[TransferPlan] = None
+    own_seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)  # an experiment's own seeds
     runs: list[Run] = field(init=False)
 
     def __post_init__(self):
-        self.runs = [Run(name, seed, config, self.overrides) for name, config in self.experiments.items() for seed in self.seeds]
+        self.runs = [Run(name, seed, config, (*self.variants.get(name, ()), *self.overrides))
+                     for name, config in self.experiments.items() for seed in self.own_seeds.get(name, self.seeds)]
 
     @classmethod
     def load(cls, path: str | Path) -> "Study":
@@ -90,26 +118,37 @@ class Study:
         if not path.is_file():
             raise StudyError(f"No study file {path}; the studies that come with the code are in configs/studies/.")
         spec = yaml.safe_load(path.read_text()) or {}
-        unknown = set(spec) - {"experiments", "seeds", "overrides", "report", "cka", "agreement"}
+        unknown = set(spec) - {"experiments", "seeds", "overrides", "report", "cka", "agreement", "transfer"}
         if unknown:
             raise StudyError(f"{path}: unknown keys {sorted(unknown)}; a study has experiments, seeds, overrides, report, "
-                             f"cka and agreement.")
+                             f"cka, agreement and transfer.")
         experiments: dict[str, Path] = {}
-        for config in spec.get("experiments") or []:
-            config = Path(config)
+        variants: dict[str, tuple[str, ...]] = {}
+        own_seeds: dict[str, tuple[int, ...]] = {}
+        for entry in spec.get("experiments") or []:
+            if isinstance(entry, dict):
+                if set(entry) - {"name", "config", "overrides", "seeds"} or "config" not in entry or "name" not in entry:
+                    raise StudyError(f"{path}: an experiment is a config path, or {{name, config, overrides, seeds}}; got {entry}.")
+                name, config = str(entry["name"]), Path(entry["config"])
+                variants[name] = tuple(entry.get("overrides") or ())
+                if "seeds" in entry:
+                    own_seeds[name] = tuple(_check_seeds(path, entry["seeds"]))
+            else:
+                config = Path(entry)
+                name = config.stem
             if not config.is_file():
                 raise StudyError(f"{path}: experiment config {config} does not exist (paths are relative to the "
                                  f"repository root, where the study runs).")
-            if config.stem in experiments:
-                raise StudyError(f"{path}: two experiments are named {config.stem!r} ({experiments[config.stem]} and "
-                                 f"{config}); an experiment is named by its config's file name.")
+            if name in experiments:
+                raise StudyError(f"{path}: two experiments are named {name!r} ({experiments[name]} and "
+                                 f"{config}); an experiment is named by its config's file name, or by its name.")
+            if "/" in name or "@" in name:
+                raise StudyError(f"{path}: experiment name {name!r} may not hold '/' or '@' (runs are named <experiment>/seed<k>).")
             _check_objective(config)
-            experiments[config.stem] = config
+            experiments[name] = config
         if not experiments:
             raise StudyError(f"{path}: no experiments; list cli.py fit configs under `experiments:`.")
-        seeds = spec.get("seeds", [0])
-        if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds) or len(set(seeds)) < len(seeds):
-            raise StudyError(f"{path}: seeds must be distinct non-negative integers, got {seeds}.")
+        seeds = _check_seeds(path, spec.get("seeds", [0]))
         cka = None
         if spec.get("cka"):
             c = spec["cka"]
@@ -118,9 +157,20 @@ class Study:
                 raise StudyError(f"{path}: unknown cka keys {sorted(unknown)}; cka has pairs, layer, seed, batch_size, images.")
             cka = CKAPlan(tuple(tuple(p) for p in c.get("pairs", [])), c.get("layer", "penultimate"), c.get("seed", seeds[0]),
                           c.get("batch_size", 250), c.get("images"))
+        transfer = None
+        if spec.get("transfer"):
+            t = dict(spec["transfer"])
+            known = set(TransferPlan.__dataclass_fields__)
+            if set(t) - known:
+                raise StudyError(f"{path}: unknown transfer keys {sorted(set(t) - known)}; transfer has {', '.join(sorted(known))}.")
+            for key in ("pairs", "lambdas", "criticality", "alphas", "sigmas"):
+                if key in t:
+                    t[key] = tuple(tuple(p) if key == "pairs" else p for p in t[key])
+            transfer = TransferPlan(**t)
         study = cls(path, experiments, tuple(seeds), tuple(spec.get("overrides") or ()), Path(spec.get("report", "report")),
-                    cka, bool(spec.get("agreement", False)))
+                    cka, bool(spec.get("agreement", False)), variants, transfer, own_seeds)
         study._check_pairs()
+        study._check_transfer()
         return study
 
     def run(self, name: str) -> Run:
@@ -132,7 +182,7 @@ class Study:
         found = [r for r in self.runs if r.experiment == match["experiment"] and r.seed == int(match["seed"])]
         if not found:
             raise StudyError(f"{self.path}: {name!r} is not one of the study's runs (experiments: "
-                             f"{', '.join(self.experiments)}; seeds: {list(self.seeds)}).")
+                             f"{', '.join(self.experiments)}; seeds: {list(self.seeds)}, unless an experiment names its own).")
         return found[0]
 
     def _check_pairs(self) -> None:
@@ -145,6 +195,34 @@ class Study:
                 self.run(name)
         if self.cka.seed not in self.seeds:
             raise StudyError(f"{self.path}: cka.seed {self.cka.seed} is not one of the study's seeds {list(self.seeds)}.")
+
+
+    def _check_transfer(self) -> None:
+        """Names and grids of ``transfer`` checked now, not after the runs have trained."""
+        if self.transfer is None:
+            return
+        from .transfer import check_grid, check_lambdas
+
+        for pair in self.transfer.pairs:
+            if len(pair) != 2:
+                raise StudyError(f"{self.path}: a barrier pair names two runs, got {list(pair)}.")
+            for name in pair:
+                self.run(name)
+        for name in self.transfer.criticality:
+            self.run(name)
+        try:
+            if self.transfer.pairs:
+                check_lambdas(self.transfer.lambdas)
+            if self.transfer.criticality:
+                check_grid(self.transfer.alphas, self.transfer.sigmas, self.transfer.draws)
+        except ValueError as err:
+            raise StudyError(f"{self.path}: transfer: {err}") from None
+
+
+def _check_seeds(path: Path, seeds) -> list[int]:
+    if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds) or len(set(seeds)) < len(seeds):
+        raise StudyError(f"{path}: seeds must be distinct non-negative integers, got {seeds}.")
+    return list(seeds)
 
 
 def _check_objective(config: Path) -> None:

@@ -90,6 +90,13 @@ def submit_to_slurm(study: Study, sbatch_flags: list[str], analysis_flags: Optio
     (``slurm/analyse.sbatch``) to start once every task has succeeded (``--dependency=afterok``); returns
     the two job ids. A config whose every seed has finished is left out of the array; a finished run of a
     config that is in it resumes at its end, so trains no further (its end-of-fit measurements run again)."""
+    if study.variants or study.own_seeds:
+        from .spec import StudyError
+
+        raise StudyError(
+            f"{study.path}: experiments with their own overrides or seeds ({', '.join(sorted({*study.variants, *study.own_seeds}))}) "
+            f"do not fit one config x seed array yet. Run it here (python -m study run), or submit each variant with "
+            f"slurm/sweep.sh CONFIG.yaml --seeds=... <its overrides> and then python -m study analyse under sbatch.")
     states = [run_state(r) for r in study.runs]
     todo = [s.run for s in states if s.state != "finished"]
     analysis = ["sbatch", "--parsable", *(analysis_flags or [])]

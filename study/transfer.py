@@ -266,3 +266,69 @@ def criticality(final: str, initial: str, alphas: Sequence[float], sigmas: Seque
     module = Criticality(logits, initial_state, parts, alphas, sigmas, draws, epsilon, seed)
     _trainer(trainer).validate(module, datamodule=FixedImages(data, batch_size, images, ("train", "val")), verbose=False)
     return {**module.results, "final": final, "initial": initial}
+
+
+# --- a study's transfer analysis (``transfer:`` in its file): written to <report>/transfer.json ---
+
+def finetuning_record(name: str, experiment: str, seed: int, folder: Path) -> dict:
+    """What the report needs of one run: its kind (P-T: ``model.init_from`` set; RI-T: a cosine-schedule run from
+    random initialisation; else pre-training), the pre-training epoch it started from, its block size, and its
+    test (validation) loss and accuracy along its steps, from its TensorBoard events."""
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from callbacks.checkpoints import finished
+
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    model, data = config.get("model") or {}, (config.get("data") or {}).get("init_args") or {}
+    init_from = model.get("init_from")
+    kind = "P-T" if init_from else ("RI-T" if model.get("lr_schedule") == "cosine" else "pre-training")
+    epoch = None
+    if init_from:
+        source = Path(init_from)
+        if source.stem.startswith("epoch"):
+            epoch = int(source.stem[5:])
+        else:
+            done = finished(source.parent.parent)
+            epoch = done["epochs"] if done else None
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = events.Tags().get("scalars", [])
+    curve = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in ("val/acc1", "val/loss") if tag in tags}
+    return {"run": name, "experiment": experiment, "seed": seed, "kind": kind, "pretraining_epoch": epoch,
+            "block_shuffle": data.get("block_shuffle"), "curve": curve}
+
+
+def analyse_transfer(study, trainer: Optional[L.Trainer] = None) -> dict:
+    """The study's transfer analysis: every finished run's learning curve, barriers (recomputed and interpolated
+    batch-norm moments) and distances of ``transfer.pairs``, criticality of ``transfer.criticality``; runs not
+    finished are listed, never silently left out."""
+    from callbacks.checkpoints import finished
+
+    from .sweep import run_state
+
+    plan = study.transfer
+    folders = {run.name: run_state(run).folder for run in study.runs}
+    done = {name: folder for name, folder in folders.items() if finished(folder) is not None}
+    results = {"runs": [finetuning_record(r.name, r.experiment, r.seed, folders[r.name]) for r in study.runs if r.name in done],
+               "missing": sorted(set(folders) - set(done)), "barriers": [], "criticality": []}
+    common = dict(images=plan.images, batch_size=plan.batch_size, trainer=trainer)
+    for a, b in plan.pairs:
+        if a in done and b in done:
+            entry = {"a": a, "b": b, "distance": distance(str(done[a]), str(done[b]))}
+            for key, recompute in (("recomputed", True), ("interpolated", False)):
+                path = barrier(str(done[a]), str(done[b]), plan.lambdas, bn_images=plan.bn_images, recompute_bn=recompute, **common)
+                entry[key] = {split: path[split] for split in SPLITS}
+            entry["lambdas"] = list(plan.lambdas)
+            results["barriers"].append(entry)
+    for name in plan.criticality:
+        if name in done:
+            start = done[name] / "checkpoints" / "epoch000.ckpt"
+            if not start.is_file():
+                raise ComparisonError(f"{name}: no checkpoints/epoch000.ckpt (its starting weights) to measure criticality "
+                                      f"against; keep it with checkpoints.epochs: [0].")
+            found = criticality(str(done[name]), str(start), plan.alphas, plan.sigmas, plan.draws, plan.epsilon, **common)
+            found["run"] = name
+            found["distance_from_start"] = distance(str(done[name]), str(start))
+            results["criticality"].append(found)
+    return results

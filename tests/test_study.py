@@ -57,6 +57,27 @@ def test_a_study_names_its_problems_before_any_run_starts(tmp_path, shapes_root)
     study = Study.load(study_file(tmp_path, [good], seeds=(0, 4)))
     assert [r.name for r in study.runs] == ["softmax/seed0", "softmax/seed4"]
     assert run_state(study.runs[1]).folder == tmp_path / "runs" / "softmax" / "seed4"
+    # A variant of a config: its own name, overrides (before the study's) and seeds.
+    variant = f"- {{name: wide, config: {good}, seeds: [2], overrides: [--trainer.default_root_dir={tmp_path / 'wide'}]}}\n"
+    study = Study.load(_with_experiment(study_file(tmp_path, [good]), variant))
+    assert [r.name for r in study.runs] == ["softmax/seed0", "wide/seed2"]
+    assert run_state(study.runs[1]).folder == tmp_path / "wide" / "softmax" / "seed2"
+    with pytest.raises(StudyError, match=r"an experiment is a config path, or \{name, config, overrides, seeds\}"):
+        Study.load(_with_experiment(study_file(tmp_path, [good]), f"- {{name: x, config: {good}, seed: 1}}\n"))
+    for transfer, message in (("{pairs: [[softmax/seed0, softmax/seed9]]}", "'softmax/seed9' is not one of the study's runs"),
+                              ("{pairs: [[softmax/seed0, softmax/seed0]], lambdas: []}", "transfer: The lambda grid is empty"),
+                              ("{criticality: [softmax/seed0], sigmas: []}", "transfer: The sigma grid"),
+                              ("{pair: []}", "unknown transfer keys")):
+        with pytest.raises(StudyError, match=message):
+            Study.load(study_file(tmp_path, [good], extra=f"transfer: {transfer}\n"))
+
+
+def _with_experiment(path: Path, entry: str) -> Path:
+    """The study file with one more experiment entry (YAML text) in its list."""
+    spec = yaml.safe_load(path.read_text())
+    spec["experiments"] += yaml.safe_load(entry)
+    path.write_text(yaml.safe_dump(spec))
+    return path
 
 
 def test_an_interrupted_study_finishes_without_redoing_finished_runs(tmp_path, shapes_root):
@@ -163,8 +184,10 @@ def test_cka_between_checkpoints_is_the_same_on_one_and_two_processes(tmp_path, 
 def test_every_study_that_comes_with_the_code_loads(path, monkeypatch):
     monkeypatch.chdir(REPO)  # a study's paths are relative to the repository root
     study = Study.load(path)
-    assert len(study.runs) == len(study.experiments) * len(study.seeds) >= 2
-    assert run_state(study.runs[0]).folder.parts[-1] == f"seed{study.seeds[0]}"
+    assert len(study.runs) >= len(study.experiments) >= 2
+    folders = [run_state(run).folder for run in study.runs]
+    assert len(set(folders)) == len(folders)  # every run in a folder of its own
+    assert all(folder.parts[-1] == f"seed{run.seed}" for folder, run in zip(folders, study.runs))
 
 
 def test_every_embedded_experiment_builds_with_its_objective():

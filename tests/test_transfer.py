@@ -6,12 +6,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import cli
 from datamodules import EmbeddedShapesDataModule
 from lightning_modules import ObjectiveClassifier
 from lightning_modules.classifier import PretrainingError
+from study.__main__ import analyse
 from study.compare import data_module_of, load_network
+from study.spec import Study
+from study.sweep import run_state
 from study.transfer import barrier, criticality, distance
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,27 +23,44 @@ SIZES = ["--data.init_args.num_train=1024", "--data.init_args.num_val=256", "--d
          "--data.init_args.num_transfer_test=128"]
 
 
-def transfer_run(config: str, folder: Path, shapes_root: Path, *extra: str):
-    return cli.main(["fit", "--config", str(REPO / "configs" / "transfer" / config), f"--data.init_args.root={shapes_root}",
-                     *SIZES, f"--trainer.default_root_dir={folder}", "--trainer.enable_model_summary=false", *extra])
+def transfer_study(root: Path, shapes_root: Path) -> Path:
+    """A small transfer study: one pre-training epoch; P-T (two seeds) and RI-T fine-tuned for 8 steps from it."""
+    configs = REPO / "configs" / "transfer"
+    tune = ["--data.init_args.global_batch_size=32", "--trainer.max_steps=8", "--trainer.val_check_interval=4"]
+    spec = {
+        "experiments": [
+            {"name": "pretrain", "config": str(configs / "pretrain.yaml"), "seeds": [0],
+             "overrides": ["--trainer.max_epochs=1", "--checkpoints.epochs=[0]", "--data.init_args.global_batch_size=64",
+                           f"--trainer.default_root_dir={root / 'pre'}"]},
+            {"name": "p_t", "config": str(configs / "finetune.yaml"),
+             "overrides": [f"--model.init_from={root / 'pre' / 'softmax' / 'seed0' / 'checkpoints' / 'last.ckpt'}",
+                           f"--trainer.default_root_dir={root / 'p_t'}", *tune]},
+            {"name": "ri_t", "config": str(configs / "finetune.yaml"), "seeds": [0],
+             "overrides": ["--model.init_from=null", f"--trainer.default_root_dir={root / 'ri_t'}", *tune]},
+        ],
+        "seeds": [0, 1],
+        "overrides": [f"--data.init_args.root={shapes_root}", *SIZES, "--trainer.enable_model_summary=false"],
+        "report": str(root / "report"),
+        "transfer": {"pairs": [["p_t/seed0", "p_t/seed1"], ["p_t/seed0", "ri_t/seed0"]], "lambdas": [0, 0.5, 1],
+                     "criticality": ["p_t/seed0"], "alphas": [0, 0.5, 1], "sigmas": [0.05, 0.2], "draws": 2,
+                     "images": 128, "bn_images": 128, "batch_size": 64},
+    }
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
 
 
 @pytest.fixture(scope="module")
 def fine_tuned(tmp_path_factory, shapes_root):
-    """A pre-trained network (one epoch), and P-T (two seeds) and RI-T fine-tuned from it on the texture task."""
+    """The transfer study's runs, trained in this process with the arguments the study gives them."""
     root = tmp_path_factory.mktemp("transfer")
-    transfer_run("pretrain.yaml", root / "pre", shapes_root, "--trainer.max_epochs=1", "--checkpoints.epochs=[0]",
-                 "--data.init_args.global_batch_size=64")
-    pretrained = root / "pre" / "softmax" / "seed0" / "checkpoints" / "last.ckpt"
-    tune = ["--data.init_args.global_batch_size=32", "--trainer.max_steps=8", "--trainer.val_check_interval=4"]
-    runs = {
-        "p_t": transfer_run("finetune.yaml", root / "p_t", shapes_root, f"--model.init_from={pretrained}", *tune),
-        "p_t_seed1": transfer_run("finetune.yaml", root / "p_t", shapes_root, f"--model.init_from={pretrained}",
-                                  "--seed_everything=1", *tune),
-        "ri_t": transfer_run("finetune.yaml", root / "ri_t", shapes_root, "--model.init_from=null", *tune),
-    }
-    folders = {name: Path(run.trainer.log_dir) for name, run in runs.items()}
-    return pretrained, folders
+    study = Study.load(transfer_study(root, shapes_root))
+    for run in study.runs:
+        cli.main(["fit", *run.config_args()])
+    folders = {run.name: run_state(run).folder for run in study.runs}
+    pretrained = folders["pretrain/seed0"] / "checkpoints" / "last.ckpt"
+    return pretrained, {"p_t": folders["p_t/seed0"], "p_t_seed1": folders["p_t/seed1"], "ri_t": folders["ri_t/seed0"],
+                        "study": study.path}
 
 
 def backbone(checkpoint: Path) -> dict:
@@ -60,8 +81,8 @@ def test_p_t_starts_from_the_pretrained_ema_with_a_new_head_and_ri_t_from_fresh_
     assert head.shape[0] == 6  # the texture task's classes, not pre-training's 60
     random = backbone(folders["ri_t"] / "checkpoints" / "epoch000.ckpt")
     assert all(not torch.equal(random[k], ema[k]) for k in ema if k.endswith("conv1.weight"))
-    for folder in folders.values():  # fine-tuning ran, and scored the texture test set along the way
-        assert (folder / "checkpoints" / "finished.json").is_file()
+    for name in ("p_t", "p_t_seed1", "ri_t"):  # fine-tuning ran to its end
+        assert (folders[name] / "checkpoints" / "finished.json").is_file()
 
 
 def test_barriers_recompute_batch_norm_and_reproduce_their_ends(fine_tuned, shapes_root):
@@ -136,3 +157,16 @@ def test_a_validation_split_holds_out_training_images_and_leaves_the_test_set_al
     plain.batch_size_per_process = 16
     direct = torch.cat([plain.on_after_batch_transfer(b, 0)[0] for b in plain.evaluation_dataloader("train", held)])
     torch.testing.assert_close(val, direct, rtol=0, atol=0)  # the held-out training images, not texture_test
+
+
+def test_the_study_analyses_its_fine_tuning_and_reports_it(fine_tuned):
+    _, folders = fine_tuned
+    analyse(str(folders["study"]), accelerator="cpu", devices="1")
+    report = Path(yaml.safe_load(folders["study"].read_text())["report"])
+    text = (report / "report.md").read_text()
+    assert "### Fine-tuning: P-T" in text and "| p_t | P-T | 1 | none | 2 |" in text and "| ri_t | RI-T | – | none | 1 |" in text
+    assert "p_t/seed0 – p_t/seed1" in text and "### Module criticality" in text and "Which of the talk's findings" in text
+    for figure in ("learning_curves", "barriers", "criticality"):
+        assert (report / f"figure_transfer_{figure}.png").stat().st_size > 10_000, figure
+    found = __import__("json").loads((report / "transfer.json").read_text())
+    assert [len(r["curve"]["val/acc1"]) for r in found["runs"] if r["kind"] != "pre-training"] == [2, 2, 2]  # steps 4, 8

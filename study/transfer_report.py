@@ -1,0 +1,271 @@
+"""The report's section on what is transferred (Neyshabur et al. 2020), from ``<report>/transfer.json``
+(``study.transfer.analyse_transfer``): fine-tuning P-T against RI-T (final test accuracy and loss, mean ± s.e.
+over seeds, and how fast each gets there), learning curves, block shuffling, which pre-training checkpoint
+transfers best, loss and error barriers, parameter distances and module criticality; each with its figure,
+and a plain statement of which of the talk's findings these runs show.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .report import _pyplot
+
+__all__ = ["transfer_section", "steps_to_reach"]
+
+FRACTION = 0.9  # training speed: the first step at which test accuracy reaches this fraction of the run's final
+
+
+def steps_to_reach(curve: list[tuple[int, float]], fraction: float = FRACTION) -> Optional[int]:
+    """The first step whose test accuracy is at least ``fraction`` of the run's last (a training-speed measure)."""
+    if not curve:
+        return None
+    target = fraction * curve[-1][1]
+    return next(step for step, value in curve if value >= target)
+
+
+def _groups(runs: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        if run["kind"] != "pre-training" and run["curve"].get("val/acc1"):
+            groups.setdefault(run["experiment"], []).append(run)
+    return groups
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    se = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+    return float(np.mean(values)), se
+
+
+def _cell(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    mean, se = _mean_se(values)
+    if math.isnan(mean):
+        return "–"
+    return f"{mean * scale:.{digits}f}" + (f" ± {se * scale:.{digits}f}" if not math.isnan(se) else "")
+
+
+def _summary(group: list[dict]) -> dict:
+    return {"acc": [r["curve"]["val/acc1"][-1][1] for r in group],
+            "loss": [r["curve"]["val/loss"][-1][1] for r in group if r["curve"].get("val/loss")],
+            "speed": [steps_to_reach(r["curve"]["val/acc1"]) for r in group]}
+
+
+def transfer_section(transfer: dict, out: Path) -> tuple[list[str], list[Path]]:
+    """Markdown lines and figures of the section (module docstring)."""
+    groups = _groups(transfer["runs"])
+    lines = ["## What is being transferred (Neyshabur et al. 2020)", ""]
+    if transfer.get("missing"):
+        lines += [f"Runs not finished, in no number below: {', '.join(transfer['missing'])}.", ""]
+    lines += ["### Fine-tuning: P-T (from the pre-trained network) and RI-T (from random initialisation)", "",
+              f"Test accuracy and loss at the end of fine-tuning, mean ± s.e. over seeds; speed: the first step at which "
+              f"test accuracy reaches {FRACTION:.0%} of the run's final.", "",
+              "| experiment | kind | pre-training epoch | block size | seeds | test top-1 (%) | test loss | steps to "
+              f"{FRACTION:.0%} |", "|---|---|---|---|---|---|---|---|"]
+    summaries = {}
+    for name, group in groups.items():
+        first = group[0]
+        summaries[name] = s = _summary(group)
+        epoch = "–" if first["pretraining_epoch"] is None else first["pretraining_epoch"]
+        block = first["block_shuffle"] or "none"
+        lines.append(f"| {name} | {first['kind']} | {epoch} | {block} | {len(group)} | {_cell(s['acc'], 100)} | "
+                     f"{_cell(s['loss'], 1, 3)} | {_cell(s['speed'], 1, 0)} |")
+    lines.append("")
+    figures = [figure_learning_curves(groups, out / "figure_transfer_learning_curves.png"),
+               figure_block_shuffle(groups, summaries, out / "figure_transfer_block_shuffle.png"),
+               figure_checkpoint_choice(groups, summaries, out / "figure_transfer_checkpoint_epoch.png")]
+    lines += barrier_lines(transfer["barriers"])
+    if transfer["barriers"]:
+        figures.append(figure_barriers(transfer["barriers"], out / "figure_transfer_barriers.png"))
+    lines += criticality_lines(transfer["criticality"])
+    if transfer["criticality"]:
+        figures.append(figure_criticality(transfer["criticality"], out / "figure_transfer_criticality.png"))
+    lines += findings(groups, summaries, transfer)
+    return lines, [f for f in figures if f is not None]
+
+
+def barrier_lines(barriers: list[dict]) -> list[str]:
+    if not barriers:
+        return []
+    lines = ["### Loss and error barriers along θ(λ) = (1−λ)θ₀ + λθ₁", "",
+             "B = max over λ in [0, 1] of L(θ_λ) − ((1−λ)L(θ₀) + λL(θ₁)). Batch-norm moments recomputed at every λ on the "
+             "same training images (the protocol); in brackets, with the moments interpolated instead (what two public "
+             "codes do).", "",
+             "| pair | test loss barrier | test error barrier (%) | train loss barrier | ‖θ₀ − θ₁‖₂ |", "|---|---|---|---|---|"]
+    for b in barriers:
+        r, i = b["recomputed"], b["interpolated"]
+        lines.append(f"| {b['a']} – {b['b']} | {r['test']['loss_barrier']:.3f} ({i['test']['loss_barrier']:.3f}) | "
+                     f"{100 * r['test']['error_barrier']:.1f} ({100 * i['test']['error_barrier']:.1f}) | "
+                     f"{r['train']['loss_barrier']:.3f} ({i['train']['loss_barrier']:.3f}) | {b['distance']['all']:.2f} |")
+    return lines + [""]
+
+
+def criticality_lines(found: list[dict]) -> list[str]:
+    if not found:
+        return []
+    parts = list(found[0]["modules"])
+    lines = ["### Module criticality (Chatterji et al. 2020)", "",
+             "μ_i = min over admissible (α, σ) of (α/σ)² ‖θ_i^F − θ_i^0‖²_F, admissible when the mean training loss over "
+             f"{found[0]['draws']} noise draws stays within (1 + {found[0]['epsilon']}) of the final network's; σ relative to "
+             "the RMS of the module's final weights; '>' where no point of the grid was admissible. Below each μ: the "
+             "test error (%) with that module alone rewound to its starting weights.", "",
+             "| run | " + " | ".join(parts) + " | network Σμ |", "|---|" + "---|" * (len(parts) + 1)]
+    for c in found:
+        cells = []
+        for part in parts:
+            m = c["modules"][part]
+            mu = "> grid" if m["criticality"] is None else f"{m['criticality']:.3g}"
+            cells.append(f"{mu} / {100 * m['rewound_test_error']:.0f} %")
+        total = "–" if c["network_criticality"] is None else f"{c['network_criticality']:.3g}"
+        lines.append(f"| {c['run']} | " + " | ".join(cells) + f" | {total} |")
+    return lines + [""]
+
+
+def findings(groups: dict, summaries: dict, transfer: dict) -> list[str]:
+    """The talk's findings, each checked against these runs' numbers, said as they come out."""
+    main = {g[0]["kind"]: name for name, g in groups.items()
+            if not g[0]["block_shuffle"] and (g[0]["kind"] == "RI-T" or g[0]["pretraining_epoch"] == max(
+                (x[0]["pretraining_epoch"] or 0) for x in groups.values() if x[0]["kind"] == "P-T"))}
+    lines = ["### Which of the talk's findings these runs show", ""]
+    if "P-T" in main and "RI-T" in main:
+        pt, rit = summaries[main["P-T"]], summaries[main["RI-T"]]
+        better = np.mean(pt["acc"]) > np.mean(rit["acc"])
+        faster = np.mean([s for s in pt["speed"] if s is not None]) < np.mean([s for s in rit["speed"] if s is not None])
+        lines.append(f"- P-T trains {'better' if better else 'no better'} than RI-T ({100 * np.mean(pt['acc']):.1f} % vs "
+                     f"{100 * np.mean(rit['acc']):.1f} % test top-1) and {'faster' if faster else 'not faster'} "
+                     f"({np.mean([s for s in pt['speed'] if s is not None]):.0f} vs "
+                     f"{np.mean([s for s in rit['speed'] if s is not None]):.0f} steps to {FRACTION:.0%} of final).")
+    for b in transfer["barriers"]:
+        lines.append(f"- Barrier {b['a']} – {b['b']}: test loss {b['recomputed']['test']['loss_barrier']:.3f} "
+                     f"(interpolated moments: {b['interpolated']['test']['loss_barrier']:.3f}).")
+    for c in transfer["criticality"]:
+        mus = [(p, m["criticality"]) for p, m in c["modules"].items()]
+        known = [(p, mu) for p, mu in mus if mu is not None]
+        if known:
+            low, high = min(known, key=lambda x: x[1]), max(known, key=lambda x: x[1])
+            lines.append(f"- {c['run']}: least critical module {low[0]} (μ = {low[1]:.3g}), most critical {high[0]} "
+                         f"(μ = {high[1]:.3g}){'; beyond the grid: ' + ', '.join(p for p, mu in mus if mu is None) if len(known) < len(mus) else ''}.")
+    return lines + [""]
+
+
+# --- figures ---
+
+def figure_learning_curves(groups: dict, path: Path) -> Optional[Path]:
+    plain = {n: g for n, g in groups.items() if not g[0]["block_shuffle"]}
+    if not plain:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, group in plain.items():
+        for r, run in enumerate(group):
+            for ax, tag in zip(axes, ("val/acc1", "val/loss")):
+                curve = run["curve"].get(tag, [])
+                if curve:
+                    style = "-" if group[0]["kind"] == "P-T" else "--"
+                    ax.plot([s for s, _ in curve], [v for _, v in curve], style, alpha=0.8,
+                            label=f"{name} ({group[0]['kind']})" if r == 0 else None, color=f"C{list(plain).index(name)}")
+    axes[0].set(xlabel="fine-tuning step", ylabel="test top-1", title="P-T (solid) and RI-T (dashed)")
+    axes[1].set(xlabel="fine-tuning step", ylabel="test loss")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def figure_block_shuffle(groups: dict, summaries: dict, path: Path) -> Optional[Path]:
+    """Final accuracy and steps to 90 % against block size, P-T and RI-T (the talk's block-shuffle plot). Runs
+    without shuffling count as one block the size of the image."""
+    if not any(g[0]["block_shuffle"] for g in groups.values()):
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for kind, style in (("P-T", "o-"), ("RI-T", "s--")):
+        points = []
+        for name, group in groups.items():
+            first = group[0]
+            if first["kind"] != kind or (kind == "P-T" and first["pretraining_epoch"] != max(
+                    g[0]["pretraining_epoch"] or 0 for g in groups.values() if g[0]["kind"] == "P-T")):
+                continue
+            block = first["block_shuffle"] or 32
+            points.append((block, np.mean(summaries[name]["acc"]), np.mean([s for s in summaries[name]["speed"] if s is not None])))
+        points.sort()
+        if points:
+            axes[0].plot([p[0] for p in points], [p[1] for p in points], style, label=kind)
+            axes[1].plot([p[0] for p in points], [p[2] for p in points], style, label=kind)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("block size (px; 32 = not shuffled)")
+    axes[0].set(ylabel="final test top-1", title="block-shuffled target")
+    axes[1].set(ylabel=f"steps to {FRACTION:.0%} of final accuracy")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def figure_checkpoint_choice(groups: dict, summaries: dict, path: Path) -> Optional[Path]:
+    epochs = sorted({(g[0]["pretraining_epoch"], n) for n, g in groups.items()
+                     if g[0]["kind"] == "P-T" and not g[0]["block_shuffle"] and g[0]["pretraining_epoch"] is not None})
+    if len(epochs) < 2:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    x = [e for e, _ in epochs]
+    means = [_mean_se(summaries[n]["acc"]) for _, n in epochs]
+    ax.errorbar(x, [m for m, _ in means], yerr=[0 if math.isnan(s) else s for _, s in means], fmt="o-", capsize=3)
+    ax.set(xlabel="pre-training epoch of the checkpoint", ylabel="fine-tuned test top-1", title="Which checkpoint transfers best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def figure_barriers(barriers: list[dict], path: Path) -> Path:
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    for k, b in enumerate(barriers):
+        for row, metric in enumerate(("loss", "error")):
+            for col, split in enumerate(("test", "train")):
+                ax = axes[row, col]
+                ax.plot(b["lambdas"], b["recomputed"][split][metric], "-", color=f"C{k}", label=f"{b['a']} – {b['b']}")
+                ax.plot(b["lambdas"], b["interpolated"][split][metric], ":", color=f"C{k}")
+                ax.set(title=f"{split} {metric}", xlabel="λ" if row else None)
+                ax.axvline(0, color="grey", lw=0.5)
+                ax.axvline(1, color="grey", lw=0.5)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("Along θ(λ): BN moments recomputed (solid) or interpolated (dotted)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def figure_criticality(found: list[dict], path: Path) -> Path:
+    plt = _pyplot()
+    parts = list(found[0]["modules"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(found)
+    for k, c in enumerate(found):
+        x = np.arange(len(parts)) + k * width
+        mu = [c["modules"][p]["criticality"] for p in parts]
+        top = max([m for m in mu if m is not None] or [1.0])
+        axes[0].bar(x, [m if m is not None else top * 10 for m in mu], width, label=c["run"],
+                    hatch=None, color=f"C{k}", alpha=0.85)
+        axes[1].bar(x, [100 * c["modules"][p]["rewound_test_error"] for p in parts], width, label=c["run"], color=f"C{k}")
+    for ax in axes:
+        ax.set_xticks(np.arange(len(parts)) + 0.4 - width / 2, parts, rotation=30)
+    axes[0].set(yscale="log", ylabel="module criticality μ (beyond the grid: drawn at 10x the largest)", title="criticality by module")
+    axes[1].set(ylabel="test error (%) with the module rewound", title="rewinding one module")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
