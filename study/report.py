@@ -18,7 +18,6 @@ Written to one folder:
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from callbacks.run_config import objective_slug
 
 from .runs import Collected, RunResult, group_experiments
 
-__all__ = ["Cell", "ReportError", "column", "spearman", "write_report"]
+__all__ = ["Cell", "ReportError", "anova_objective_p", "column", "spearman", "write_report"]
 
 PAPER_RESULTS = Path(__file__).resolve().parent / "paper_results.csv"  # the paper's tables as data
 # The paper's names of its eight transfer data sets, and names a config may give them.
@@ -84,6 +83,35 @@ def column(cells: dict[str, Cell], higher_is_better: bool = True) -> dict[str, C
             p = float(stats.ttest_ind(cell.values, best.values, equal_var=False).pvalue)
         cell.bold, cell.p_vs_best = p >= ALPHA, p
     return cells
+
+
+def anova_objective_p(rows: list[tuple[str, str, float]]) -> float:
+    """p-value of the objective's main effect in a two-way ANOVA (objective x data set) of ``rows`` (objective,
+    data set, value; replicates are seeds), as Table 2 tests its average column: type-II sum of squares of the
+    objective (the additive model against the data sets alone), over the error of the full model with
+    interaction (each cell's spread about its mean). nan without replicates or with one objective."""
+    objectives, datasets = sorted({r[0] for r in rows}), sorted({r[1] for r in rows})
+    y = np.array([r[2] for r in rows], dtype=float)
+    cells = sorted({(r[0], r[1]) for r in rows})
+    df_error = len(rows) - len(cells)
+    if len(objectives) < 2 or df_error < 1:
+        return math.nan
+
+    def rss(columns: list[np.ndarray]) -> float:
+        design = np.column_stack(columns)
+        residual = y - design @ np.linalg.lstsq(design, y, rcond=None)[0]
+        return float(residual @ residual)
+
+    ones = [np.ones(len(rows))]
+    by_objective = [np.array([r[0] == o for r in rows], float) for o in objectives[1:]]
+    by_dataset = [np.array([r[1] == d for r in rows], float) for d in datasets[1:]]
+    by_cell = [np.array([(r[0], r[1]) == c for r in rows], float) for c in cells]
+    ss_objective = rss(ones + by_dataset) - rss(ones + by_objective + by_dataset)
+    ms_error = rss(by_cell) / df_error
+    if ms_error == 0:
+        return 1.0 if ss_objective == 0 else 0.0
+    f = (ss_objective / (len(objectives) - 1)) / ms_error
+    return float(stats.f.sf(f, len(objectives) - 1, df_error))
 
 
 def spearman(x: list[float], y: list[float]) -> tuple[float, float]:
@@ -328,6 +356,14 @@ def _pyplot():
     return plt
 
 
+def save_figure(figure, path: Path) -> Path:
+    """Lay out, write (PNG, 120 dpi) and close ``figure``; returns ``path``."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    _pyplot().close(figure)
+    return path
+
+
 def figure_by_layer(groups, prefix: str, ylabel: str, path: Path, title: str) -> Optional[Path]:
     """One line per experiment over the layers in forward order, the mean over its seeds (Figures 3, 4)."""
     plt = _pyplot()
@@ -347,10 +383,7 @@ def figure_by_layer(groups, prefix: str, ylabel: str, path: Path, title: str) ->
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def figure_five(points: dict[str, tuple[float, float]], examples: dict[str, RunResult], paper: dict, path: Path,
@@ -379,10 +412,7 @@ def figure_five(points: dict[str, tuple[float, float]], examples: dict[str, RunR
     ax.set_title("the paper (ResNet-50, ImageNet): ρ = −0.93", fontsize=9)
     ax.grid(alpha=0.3)
     figure.suptitle("Figure 5: class separation against transfer", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def figure_two(cka: dict, path: Path) -> Path:

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -283,9 +282,11 @@ def finetuning_record(name: str, experiment: str, seed: int, folder: Path) -> di
     model, data = config.get("model") or {}, (config.get("data") or {}).get("init_args") or {}
     init_from = model.get("init_from")
     kind = "P-T" if init_from else ("RI-T" if model.get("lr_schedule") == "cosine" else "pre-training")
-    epoch = None
+    epoch, objective = None, None
     if init_from:
         source = Path(init_from)
+        hparams = torch.load(source, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+        objective = str((hparams.get("objective") or {}).get("class_path", "Softmax")).rsplit(".", 1)[-1]
         if source.stem.startswith("epoch"):
             epoch = int(source.stem[5:])
         else:
@@ -295,8 +296,9 @@ def finetuning_record(name: str, experiment: str, seed: int, folder: Path) -> di
     events.Reload()
     tags = events.Tags().get("scalars", [])
     curve = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in ("val/acc1", "val/loss") if tag in tags}
+    target = data.get("task") or Path(str(data.get("train_path") or data.get("train_root") or "target")).stem
     return {"run": name, "experiment": experiment, "seed": seed, "kind": kind, "pretraining_epoch": epoch,
-            "block_shuffle": data.get("block_shuffle"), "curve": curve}
+            "pretraining_objective": objective, "target": target, "block_shuffle": data.get("block_shuffle"), "curve": curve}
 
 
 def analyse_transfer(study, trainer: Optional[L.Trainer] = None) -> dict:

@@ -13,7 +13,7 @@ from typing import Optional
 
 import numpy as np
 
-from .report import _pyplot
+from .report import ALPHA, Cell, _pyplot, anova_objective_p, column, save_figure
 
 __all__ = ["transfer_section", "steps_to_reach"]
 
@@ -80,6 +80,7 @@ def transfer_section(transfer: dict, out: Path) -> tuple[list[str], list[Path]]:
     figures = [figure_learning_curves(groups, out / "figure_transfer_learning_curves.png"),
                figure_block_shuffle(groups, summaries, out / "figure_transfer_block_shuffle.png"),
                figure_checkpoint_choice(groups, summaries, out / "figure_transfer_checkpoint_epoch.png")]
+    lines += table_two(transfer["runs"])
     lines += barrier_lines(transfer["barriers"])
     if transfer["barriers"]:
         figures.append(figure_barriers(transfer["barriers"], out / "figure_transfer_barriers.png"))
@@ -88,6 +89,43 @@ def transfer_section(transfer: dict, out: Path) -> tuple[list[str], list[Path]]:
         figures.append(figure_criticality(transfer["criticality"], out / "figure_transfer_criticality.png"))
     lines += findings(groups, summaries, transfer)
     return lines, [f for f in figures if f is not None]
+
+
+def table_two(runs: list[dict]) -> list[str]:
+    """Table 2 (Kornblith et al.): fine-tuned test accuracy by pre-training objective x target, mean ± s.e. over
+    runs (pre-training or fine-tuning seeds); bold as Table 1 per data set (Welch's t-test), and in the average
+    column by the objective's main effect in a two-way ANOVA against the best objective. Shown when P-T runs
+    start from at least two objectives; un-shuffled runs from each pre-training run's last checkpoint only."""
+    final = [r for r in runs if r["kind"] == "P-T" and not r["block_shuffle"] and r["curve"].get("val/acc1")]
+    last = {}
+    for r in final:  # the last pre-training epoch among the runs of one objective
+        last[r["pretraining_objective"]] = max(last.get(r["pretraining_objective"], -1), r["pretraining_epoch"] or 0)
+    final = [r for r in final if (r["pretraining_epoch"] or 0) == last[r["pretraining_objective"]]]
+    objectives = list(dict.fromkeys(r["pretraining_objective"] for r in final))
+    targets = list(dict.fromkeys(r["target"] for r in final))
+    if len(objectives) < 2:
+        return []
+    acc = {(o, t): [100 * r["curve"]["val/acc1"][-1][1] for r in final if (r["pretraining_objective"], r["target"]) == (o, t)]
+           for o in objectives for t in targets}
+    columns = {t: column({o: Cell(acc[o, t]) for o in objectives if acc[o, t]}) for t in targets}
+    means = {o: Cell([float(np.mean([np.mean(acc[o, t]) for t in targets if acc[o, t]]))]) for o in objectives}
+    best = max(means, key=lambda o: means[o].mean)
+    rows = lambda o: [(o, t, v) for t in targets for v in acc[o, t]]  # noqa: E731
+    lines = ["### Table 2: fine-tuned test top-1 (%) by pre-training objective", "",
+             f"Mean ± s.e. over runs; **bold**: the best and those not significantly worse (p ≥ {ALPHA}; per data set a "
+             "two-sided Welch's t-test, the average by the objective's main effect in a two-way ANOVA, objective x data set, "
+             "against the best).", "", "| objective | " + " | ".join(targets) + " | Avg |", "|---|" + "---|" * (len(targets) + 1)]
+    for o in objectives:
+        cells = []
+        for t in targets:
+            cell = columns[t].get(o)
+            text = "–" if cell is None else f"{cell.mean:.1f}" + (f" ± {cell.se:.1f}" if len(cell.values) > 1 else "")
+            cells.append(f"**{text}**" if cell is not None and cell.bold else text)
+        p = None if o == best else anova_objective_p(rows(o) + rows(best))
+        average = f"{means[o].mean:.1f}"
+        cells.append(f"**{average}**" if o == best or (p is not None and not math.isnan(p) and p >= ALPHA) else average)
+        lines.append(f"| {o} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def barrier_lines(barriers: list[dict]) -> list[str]:
@@ -173,10 +211,7 @@ def figure_learning_curves(groups: dict, path: Path) -> Optional[Path]:
     axes[0].set(xlabel="fine-tuning step", ylabel="test top-1", title="P-T (solid) and RI-T (dashed)")
     axes[1].set(xlabel="fine-tuning step", ylabel="test loss")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def figure_block_shuffle(groups: dict, summaries: dict, path: Path) -> Optional[Path]:
@@ -205,10 +240,7 @@ def figure_block_shuffle(groups: dict, summaries: dict, path: Path) -> Optional[
     axes[0].set(ylabel="final test top-1", title="block-shuffled target")
     axes[1].set(ylabel=f"steps to {FRACTION:.0%} of final accuracy")
     axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def figure_checkpoint_choice(groups: dict, summaries: dict, path: Path) -> Optional[Path]:
@@ -222,10 +254,7 @@ def figure_checkpoint_choice(groups: dict, summaries: dict, path: Path) -> Optio
     means = [_mean_se(summaries[n]["acc"]) for _, n in epochs]
     ax.errorbar(x, [m for m, _ in means], yerr=[0 if math.isnan(s) else s for _, s in means], fmt="o-", capsize=3)
     ax.set(xlabel="pre-training epoch of the checkpoint", ylabel="fine-tuned test top-1", title="Which checkpoint transfers best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def figure_barriers(barriers: list[dict], path: Path) -> Path:
@@ -242,10 +271,7 @@ def figure_barriers(barriers: list[dict], path: Path) -> Path:
                 ax.axvline(1, color="grey", lw=0.5)
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("Along θ(λ): BN moments recomputed (solid) or interpolated (dotted)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def figure_criticality(found: list[dict], path: Path) -> Path:
@@ -265,7 +291,4 @@ def figure_criticality(found: list[dict], path: Path) -> Path:
     axes[0].set(yscale="log", ylabel="module criticality μ (beyond the grid: drawn at 10x the largest)", title="criticality by module")
     axes[1].set(ylabel="test error (%) with the module rewound", title="rewinding one module")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -119,3 +119,32 @@ def test_a_report_over_no_runs_says_where_it_looked(tmp_path):
     write_run(tmp_path, "softmax", 0, {}, finished=False, measured=False)
     with pytest.raises(ReportError, match=rf"Looked in:\n  {re.escape(str(tmp_path))}(.|\n)*softmax/seed0: not run"):
         write_report(collect_folder(tmp_path), tmp_path / "report")
+
+
+def test_two_way_anova_of_the_objective_matches_the_textbook_balanced_formula():
+    from study.report import anova_objective_p
+
+    rng = np.random.default_rng(0)
+    a, b, n = 2, 3, 4  # objectives, data sets, seeds
+    y = rng.normal(size=(a, b, n)) + np.array([0.0, 0.8])[:, None, None] + np.array([0.0, 2.0, -1.0])[None, :, None]
+    rows = [(f"o{i}", f"d{j}", float(y[i, j, k])) for i in range(a) for j in range(b) for k in range(n)]
+    ss_a = b * n * ((y.mean((1, 2)) - y.mean()) ** 2).sum()
+    ss_e = ((y - y.mean(2, keepdims=True)) ** 2).sum()
+    f = (ss_a / (a - 1)) / (ss_e / (a * b * (n - 1)))
+    assert anova_objective_p(rows) == pytest.approx(stats.f.sf(f, a - 1, a * b * (n - 1)), rel=1e-9)
+    assert math.isnan(anova_objective_p([(o, d, v) for o, d, v in rows if o == "o0"]))  # one objective: no test
+
+
+def test_table_two_bolds_by_t_test_per_data_set_and_anova_for_the_average():
+    from study.transfer_report import table_two
+
+    def run(objective, target, acc):
+        return {"kind": "P-T", "block_shuffle": None, "pretraining_epoch": 5, "pretraining_objective": objective,
+                "target": target, "curve": {"val/acc1": [(10, acc / 2), (20, acc)]}}
+
+    runs = [run("Softmax", t, v) for t, vs in (("a", (0.80, 0.81, 0.79)), ("b", (0.60, 0.61, 0.59))) for v in vs]
+    runs += [run("SquaredError", t, v) for t, vs in (("a", (0.70, 0.71, 0.69)), ("b", (0.60, 0.62, 0.58))) for v in vs]
+    lines = table_two(runs)
+    softmax, squared = (next(l for l in lines if l.startswith(f"| {o} |")) for o in ("Softmax", "SquaredError"))
+    assert softmax == "| Softmax | **80.0 ± 0.6** | **60.0 ± 0.6** | **70.0** |"
+    assert squared.startswith("| SquaredError | 70.0 ± 0.6 | **60.0 ± 1.2** |") and not squared.endswith("**65.0** |")

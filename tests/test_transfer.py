@@ -1,6 +1,7 @@
 """Fine-tuning (P-T and RI-T) and the passes on its checkpoints: barriers with batch-norm recomputed, parameter
 distance, module criticality; on the embedded shapes data, end to end."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -168,5 +169,5 @@ def test_the_study_analyses_its_fine_tuning_and_reports_it(fine_tuned):
     assert "p_t/seed0 – p_t/seed1" in text and "### Module criticality" in text and "Which of the talk's findings" in text
     for figure in ("learning_curves", "barriers", "criticality"):
         assert (report / f"figure_transfer_{figure}.png").stat().st_size > 10_000, figure
-    found = __import__("json").loads((report / "transfer.json").read_text())
+    found = json.loads((report / "transfer.json").read_text())
     assert [len(r["curve"]["val/acc1"]) for r in found["runs"] if r["kind"] != "pre-training"] == [2, 2, 2]  # steps 4, 8
