@@ -34,7 +34,7 @@ from typing import Optional
 
 import yaml
 
-__all__ = ["CKAPlan", "Run", "Study", "StudyError", "TransferPlan", "UNTRAINED"]
+__all__ = ["CKAPlan", "GridPlan", "Run", "Study", "StudyError", "TransferPlan", "UNTRAINED"]
 
 UNTRAINED = "@untrained"  # a run's architecture at initialisation, its BN moments computed on training images
 RUN_NAME = re.compile(r"^(?P<experiment>[^/@]+)/seed(?P<seed>\d+)(?P<untrained>@untrained)?$")
@@ -74,6 +74,19 @@ class CKAPlan:
 
 
 @dataclass(frozen=True)
+class GridPlan:
+    """Appendix A.3's choice of fine-tuning hyper-parameters: every (lr, decay) point trained on the target's
+    training images less a held-out ``validation_split`` (one seed), the best on those held-out images chosen,
+    then the experiment itself refit with it on all of them and tested. ``lr_times_weight_decay`` is A.3's grid
+    variable (weight_decay = value / lr; None: no decay)."""
+
+    lr_per_256: tuple[float, ...]
+    lr_times_weight_decay: tuple[Optional[float], ...] = (None,)
+    validation_split: float = 0.2
+    points: tuple[tuple[str, float, float], ...] = ()  # (grid experiment, lr_per_256, weight_decay)
+
+
+@dataclass(frozen=True)
 class TransferPlan:
     """What is transferred (``study/transfer.py``): loss and error barriers between ``pairs`` of runs along
     ``lambdas`` (batch-norm moments recomputed on ``bn_images`` training images, and, to show the difference,
@@ -104,6 +117,7 @@ class Study:
     variants: dict[str, tuple[str, ...]] = field(default_factory=dict)  # an experiment's own overrides
     transfer: Optional[TransferPlan] = None
     own_seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)  # an experiment's own seeds
+    grids: dict[str, GridPlan] = field(default_factory=dict)  # experiments refit at the best point of a grid
     runs: list[Run] = field(init=False)
 
     def __post_init__(self):
@@ -125,14 +139,27 @@ class Study:
         experiments: dict[str, Path] = {}
         variants: dict[str, tuple[str, ...]] = {}
         own_seeds: dict[str, tuple[int, ...]] = {}
+        grids: dict[str, GridPlan] = {}
         for entry in spec.get("experiments") or []:
             if isinstance(entry, dict):
-                if set(entry) - {"name", "config", "overrides", "seeds"} or "config" not in entry or "name" not in entry:
-                    raise StudyError(f"{path}: an experiment is a config path, or {{name, config, overrides, seeds}}; got {entry}.")
+                if set(entry) - {"name", "config", "overrides", "seeds", "grid"} or "config" not in entry or "name" not in entry:
+                    raise StudyError(f"{path}: an experiment is a config path, or {{name, config, overrides, seeds, grid}}; "
+                                     f"got {entry}.")
                 name, config = str(entry["name"]), Path(entry["config"])
                 variants[name] = tuple(entry.get("overrides") or ())
                 if "seeds" in entry:
                     own_seeds[name] = tuple(_check_seeds(path, entry["seeds"]))
+                if "grid" in entry:
+                    if not config.is_file():
+                        raise StudyError(f"{path}: experiment config {config} does not exist.")
+                    grid = _grid(path, name, config, entry["grid"], variants[name])
+                    for point, lr, decay in grid.points:  # the grid's runs come first, one seed each
+                        experiments[point] = config
+                        variants[point] = (*variants[name], f"--model.lr_per_256={lr}", f"--model.weight_decay={decay}",
+                                           f"--data.init_args.validation_split={grid.validation_split}",
+                                           f"--trainer.default_root_dir={_root(config, variants[name])}/{name}_grid/{point[len(name) + 6:]}")
+                        own_seeds[point] = (own_seeds.get(name) or tuple(spec.get("seeds", [0])))[:1]
+                    grids[name] = grid
             else:
                 config = Path(entry)
                 name = config.stem
@@ -168,7 +195,7 @@ class Study:
                     t[key] = tuple(tuple(p) if key == "pairs" else p for p in t[key])
             transfer = TransferPlan(**t)
         study = cls(path, experiments, tuple(seeds), tuple(spec.get("overrides") or ()), Path(spec.get("report", "report")),
-                    cka, bool(spec.get("agreement", False)), variants, transfer, own_seeds)
+                    cka, bool(spec.get("agreement", False)), variants, transfer, own_seeds, grids)
         study._check_pairs()
         study._check_transfer()
         return study
@@ -217,6 +244,27 @@ class Study:
                 check_grid(self.transfer.alphas, self.transfer.sigmas, self.transfer.draws)
         except ValueError as err:
             raise StudyError(f"{self.path}: transfer: {err}") from None
+
+
+def _root(config: Path, overrides: tuple[str, ...]) -> str:
+    """The experiment's trainer.default_root_dir: its last override, else its config's, else runs."""
+    for arg in reversed(overrides):
+        if arg.startswith("--trainer.default_root_dir="):
+            return arg.split("=", 1)[1]
+    return str(((yaml.safe_load(config.read_text()) or {}).get("trainer") or {}).get("default_root_dir") or "runs")
+
+
+def _grid(path: Path, name: str, config: Path, grid: dict, overrides: tuple[str, ...]) -> GridPlan:
+    known = {"lr_per_256", "lr_times_weight_decay", "validation_split"}
+    if set(grid) - known or not grid.get("lr_per_256"):
+        raise StudyError(f"{path}: {name}'s grid has lr_per_256 (a non-empty list), lr_times_weight_decay (values or null) "
+                         f"and validation_split; got {sorted(grid)}.")
+    lrs, decays = tuple(grid["lr_per_256"]), tuple(grid.get("lr_times_weight_decay") or (None,))
+    if any(lr <= 0 for lr in lrs) or any(d is not None and d < 0 for d in decays):
+        raise StudyError(f"{path}: {name}'s grid needs positive learning rates and non-negative decays, got {lrs}, {decays}.")
+    points = tuple((f"{name}_grid_lr{i}_wd{j}", lr, 0.0 if d is None else d / lr)
+                   for i, lr in enumerate(lrs) for j, d in enumerate(decays))
+    return GridPlan(lrs, decays, float(grid.get("validation_split", 0.2)), points)
 
 
 def _check_seeds(path: Path, seeds) -> list[int]:

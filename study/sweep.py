@@ -11,7 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +19,11 @@ from callbacks.checkpoints import finished
 
 from .spec import Run, Study
 
-__all__ = ["RunState", "run_locally", "run_state", "submit_to_slurm"]
+__all__ = ["GridUnfinished", "RunState", "grid_scores", "run_locally", "run_state", "selected", "submit_to_slurm"]
+
+
+class GridUnfinished(RuntimeError):
+    """A refit run whose grid has runs that did not finish."""
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,6 +47,35 @@ def run_state(run: Run) -> RunState:
         if (done.get("max_epochs"), done.get("max_steps")) == (trainer.max_epochs, trainer.max_steps):
             return RunState(run, folder, "finished")
     return RunState(run, folder, "unfinished" if (folder / "checkpoints" / "last.ckpt").is_file() else "new")
+
+
+def grid_scores(study: Study, experiment: str) -> dict:
+    """The grid of ``experiment`` (appendix A.3): each point's last validation top-1 on the held-out training
+    images (None while it has not finished), and the point chosen: the best score, the first on a tie."""
+    from .transfer import scalar_curves
+
+    grid, points = study.grids[experiment], []
+    for name, lr, decay in grid.points:
+        run = next(r for r in study.runs if r.experiment == name)
+        state = run_state(run)
+        curve = scalar_curves(state.folder, ["val/acc1"]).get("val/acc1") if state.state == "finished" else None
+        points.append({"point": name, "lr_per_256": lr, "weight_decay": decay, "held_out_acc1": curve[-1][1] if curve else None})
+    scored = [p for p in points if p["held_out_acc1"] is not None]
+    chosen = max(scored, key=lambda p: p["held_out_acc1"])["point"] if len(scored) == len(points) else None
+    return {"points": points, "chosen": chosen, "validation_split": grid.validation_split}
+
+
+def selected(study: Study, run: Run) -> Run:
+    """``run`` with its grid's chosen learning rate and weight decay when its experiment is refit from a grid."""
+    if run.experiment not in study.grids:
+        return run
+    scores = grid_scores(study, run.experiment)
+    if scores["chosen"] is None:
+        unfinished = [p["point"] for p in scores["points"] if p["held_out_acc1"] is None]
+        raise GridUnfinished(f"{run.name}: its grid has unfinished runs ({', '.join(unfinished)}); run the study again.")
+    point = next(p for p in scores["points"] if p["point"] == scores["chosen"])
+    return replace(run, overrides=(*run.overrides, f"--model.lr_per_256={point['lr_per_256']}",
+                                   f"--model.weight_decay={point['weight_decay']}"))
 
 
 def prepare_data(study: Study) -> float:
@@ -72,9 +105,16 @@ def run_locally(study: Study, timings: Optional[dict] = None, python: str = sys.
     failed = []
     for number, state in enumerate(todo, 1):
         verb = "resuming" if state.state == "unfinished" else "starting"
-        print(f"\n[{number}/{len(todo)}] {verb} {state.run.name} in {state.folder}", flush=True)
+        try:
+            run = selected(study, state.run)
+        except GridUnfinished as err:
+            print(f"\n[{number}/{len(todo)}] {err}", flush=True)
+            failed.append(state)
+            continue
+        print(f"\n[{number}/{len(todo)}] {verb} {run.name} in {state.folder} {' '.join(run.overrides[len(state.run.overrides):])}",
+              flush=True)
         start = time.perf_counter()
-        result = subprocess.run([python, str(REPO / "cli.py"), "fit", *state.run.fit_args()])
+        result = subprocess.run([python, str(REPO / "cli.py"), "fit", *run.fit_args()])
         seconds = time.perf_counter() - start
         print(f"[{number}/{len(todo)}] {state.run.name}: {'done' if result.returncode == 0 else 'FAILED'} "
               f"in {seconds:.0f} s", flush=True)
@@ -90,7 +130,7 @@ def submit_to_slurm(study: Study, sbatch_flags: list[str], analysis_flags: Optio
     (``slurm/analyse.sbatch``) to start once every task has succeeded (``--dependency=afterok``); returns
     the two job ids. A config whose every seed has finished is left out of the array; a finished run of a
     config that is in it resumes at its end, so trains no further (its end-of-fit measurements run again)."""
-    if study.variants or study.own_seeds:
+    if study.variants or study.own_seeds or study.grids:
         from .spec import StudyError
 
         raise StudyError(

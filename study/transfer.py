@@ -274,7 +274,6 @@ def finetuning_record(name: str, experiment: str, seed: int, folder: Path) -> di
     random initialisation; else pre-training), the pre-training epoch it started from, its block size, and its
     test (validation) loss and accuracy along its steps, from its TensorBoard events."""
     import yaml
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from callbacks.checkpoints import finished
 
@@ -292,13 +291,21 @@ def finetuning_record(name: str, experiment: str, seed: int, folder: Path) -> di
         else:
             done = finished(source.parent.parent)
             epoch = done["epochs"] if done else None
-    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
-    events.Reload()
-    tags = events.Tags().get("scalars", [])
-    curve = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in ("val/acc1", "val/loss") if tag in tags}
+    curve = scalar_curves(folder, ("val/acc1", "val/loss"))
     target = data.get("task") or Path(str(data.get("train_path") or data.get("train_root") or "target")).stem
     return {"run": name, "experiment": experiment, "seed": seed, "kind": kind, "pretraining_epoch": epoch,
-            "pretraining_objective": objective, "target": target, "block_shuffle": data.get("block_shuffle"), "curve": curve}
+            "pretraining_objective": objective, "target": target, "block_shuffle": data.get("block_shuffle"),
+            "validation_split": data.get("validation_split"), "curve": curve}
+
+
+def scalar_curves(folder: Path, tags: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
+    """[(step, value)] of each of ``tags`` a run logged to TensorBoard (the tags it has)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = events.Tags().get("scalars", [])
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in tags if tag in logged}
 
 
 def analyse_transfer(study, trainer: Optional[L.Trainer] = None) -> dict:
@@ -312,8 +319,11 @@ def analyse_transfer(study, trainer: Optional[L.Trainer] = None) -> dict:
     plan = study.transfer
     folders = {run.name: run_state(run).folder for run in study.runs}
     done = {name: folder for name, folder in folders.items() if finished(folder) is not None}
+    from .sweep import grid_scores
+
     results = {"runs": [finetuning_record(r.name, r.experiment, r.seed, folders[r.name]) for r in study.runs if r.name in done],
-               "missing": sorted(set(folders) - set(done)), "barriers": [], "criticality": []}
+               "missing": sorted(set(folders) - set(done)), "barriers": [], "criticality": [],
+               "grids": {name: grid_scores(study, name) for name in study.grids}}
     common = dict(images=plan.images, batch_size=plan.batch_size, trainer=trainer)
     for a, b in plan.pairs:
         if a in done and b in done:

@@ -31,7 +31,7 @@ def steps_to_reach(curve: list[tuple[int, float]], fraction: float = FRACTION) -
 def _groups(runs: list[dict]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for run in runs:
-        if run["kind"] != "pre-training" and run["curve"].get("val/acc1"):
+        if run["kind"] != "pre-training" and not run.get("validation_split") and run["curve"].get("val/acc1"):
             groups.setdefault(run["experiment"], []).append(run)
     return groups
 
@@ -80,6 +80,8 @@ def transfer_section(transfer: dict, out: Path) -> tuple[list[str], list[Path]]:
     figures = [figure_learning_curves(groups, out / "figure_transfer_learning_curves.png"),
                figure_block_shuffle(groups, summaries, out / "figure_transfer_block_shuffle.png"),
                figure_checkpoint_choice(groups, summaries, out / "figure_transfer_checkpoint_epoch.png")]
+    for name, grid in transfer.get("grids", {}).items():
+        lines += grid_lines(name, grid)
     lines += table_two(transfer["runs"])
     lines += barrier_lines(transfer["barriers"])
     if transfer["barriers"]:
@@ -91,12 +93,29 @@ def transfer_section(transfer: dict, out: Path) -> tuple[list[str], list[Path]]:
     return lines, [f for f in figures if f is not None]
 
 
+def grid_lines(name: str, grid: dict) -> list[str]:
+    """Appendix A.3's choice for one experiment: held-out top-1 at every (lr, weight decay) point, the chosen in bold."""
+    lrs = list(dict.fromkeys(p["lr_per_256"] for p in grid["points"]))
+    by_lr = {lr: [p for p in grid["points"] if p["lr_per_256"] == lr] for lr in lrs}
+    decays = [f"lr x wd = {p['weight_decay'] * p['lr_per_256']:.3g}" if p["weight_decay"] else "no decay" for p in by_lr[lrs[0]]]
+    lines = [f"Hyper-parameters of {name} (appendix A.3): top-1 (%) on the {grid['validation_split']:.0%} of the training "
+             f"images held out, one seed; **bold**: chosen, then refit on all of them and tested above"
+             f"{'' if grid['chosen'] else ' (not yet: the grid has unfinished runs)'}.", "",
+             "| lr_per_256 | " + " | ".join(decays) + " |", "|---|" + "---|" * len(decays)]
+    for lr, points in by_lr.items():
+        cells = ["–" if p["held_out_acc1"] is None else f"{100 * p['held_out_acc1']:.1f}" for p in points]
+        cells = [f"**{c}**" if p["point"] == grid["chosen"] else c for c, p in zip(cells, points)]
+        lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def table_two(runs: list[dict]) -> list[str]:
     """Table 2 (Kornblith et al.): fine-tuned test accuracy by pre-training objective x target, mean ± s.e. over
     runs (pre-training or fine-tuning seeds); bold as Table 1 per data set (Welch's t-test), and in the average
     column by the objective's main effect in a two-way ANOVA against the best objective. Shown when P-T runs
     start from at least two objectives; un-shuffled runs from each pre-training run's last checkpoint only."""
-    final = [r for r in runs if r["kind"] == "P-T" and not r["block_shuffle"] and r["curve"].get("val/acc1")]
+    final = [r for r in runs if r["kind"] == "P-T" and not r["block_shuffle"] and not r.get("validation_split")
+             and r["curve"].get("val/acc1")]
     last = {}
     for r in final:  # the last pre-training epoch among the runs of one objective
         last[r["pretraining_objective"]] = max(last.get(r["pretraining_objective"], -1), r["pretraining_epoch"] or 0)

@@ -16,7 +16,7 @@ from lightning_modules.classifier import PretrainingError
 from study.__main__ import analyse
 from study.compare import data_module_of, load_network
 from study.spec import Study
-from study.sweep import run_state
+from study.sweep import grid_scores, run_state, selected
 from study.transfer import barrier, criticality, distance
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,8 @@ def transfer_study(root: Path, shapes_root: Path) -> Path:
                            f"--trainer.default_root_dir={root / 'pre'}"]},
             {"name": "p_t", "config": str(configs / "finetune.yaml"),
              "overrides": [f"--model.init_from={root / 'pre' / 'softmax' / 'seed0' / 'checkpoints' / 'last.ckpt'}",
-                           f"--trainer.default_root_dir={root / 'p_t'}", *tune]},
+                           f"--trainer.default_root_dir={root / 'p_t'}", *tune],
+             "grid": {"lr_per_256": [0.02, 0.2], "lr_times_weight_decay": [None], "validation_split": 0.25}},
             {"name": "ri_t", "config": str(configs / "finetune.yaml"), "seeds": [0],
              "overrides": ["--model.init_from=null", f"--trainer.default_root_dir={root / 'ri_t'}", *tune]},
         ],
@@ -56,12 +57,12 @@ def fine_tuned(tmp_path_factory, shapes_root):
     """The transfer study's runs, trained in this process with the arguments the study gives them."""
     root = tmp_path_factory.mktemp("transfer")
     study = Study.load(transfer_study(root, shapes_root))
-    for run in study.runs:
-        cli.main(["fit", *run.config_args()])
+    for run in study.runs:  # as the study runs them: the grid first, then p_t refit at its best point
+        cli.main(["fit", *selected(study, run).config_args()])
     folders = {run.name: run_state(run).folder for run in study.runs}
     pretrained = folders["pretrain/seed0"] / "checkpoints" / "last.ckpt"
     return pretrained, {"p_t": folders["p_t/seed0"], "p_t_seed1": folders["p_t/seed1"], "ri_t": folders["ri_t/seed0"],
-                        "study": study.path}
+                        "study": study.path, "grid": [folders[f"p_t_grid_lr{i}_wd0/seed0"] for i in (0, 1)]}
 
 
 def backbone(checkpoint: Path) -> dict:
@@ -160,6 +161,21 @@ def test_a_validation_split_holds_out_training_images_and_leaves_the_test_set_al
     torch.testing.assert_close(val, direct, rtol=0, atol=0)  # the held-out training images, not texture_test
 
 
+def test_the_grid_validates_on_held_out_training_images_and_the_refit_takes_its_best_point(fine_tuned):
+    _, folders = fine_tuned
+    study = Study.load(folders["study"])
+    scores = grid_scores(study, "p_t")
+    assert [p["lr_per_256"] for p in scores["points"]] == [0.02, 0.2] and all(p["weight_decay"] == 0 for p in scores["points"])
+    best = max(scores["points"], key=lambda p: p["held_out_acc1"])
+    assert scores["chosen"] == best["point"]
+    for folder in folders["grid"]:  # the grid's runs validate on a quarter of the training images, never the test set
+        data = yaml.safe_load((folder / "config.yaml").read_text())["data"]["init_args"]
+        assert data["validation_split"] == 0.25
+    refit = yaml.safe_load((folders["p_t"] / "config.yaml").read_text())
+    assert refit["data"]["init_args"].get("validation_split") is None  # refit on all of them, tested on the test set
+    assert refit["model"]["lr_per_256"] == best["lr_per_256"]
+
+
 def test_the_study_analyses_its_fine_tuning_and_reports_it(fine_tuned):
     _, folders = fine_tuned
     analyse(str(folders["study"]), accelerator="cpu", devices="1")
@@ -170,4 +186,5 @@ def test_the_study_analyses_its_fine_tuning_and_reports_it(fine_tuned):
     for figure in ("learning_curves", "barriers", "criticality"):
         assert (report / f"figure_transfer_{figure}.png").stat().st_size > 10_000, figure
     found = json.loads((report / "transfer.json").read_text())
-    assert [len(r["curve"]["val/acc1"]) for r in found["runs"] if r["kind"] != "pre-training"] == [2, 2, 2]  # steps 4, 8
+    assert [len(r["curve"]["val/acc1"]) for r in found["runs"] if r["kind"] != "pre-training"] == [2, 2, 2, 2, 2]  # steps 4, 8
+    assert "Hyper-parameters of p_t (appendix A.3)" in text and text.count("**") >= 2
