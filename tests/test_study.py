@@ -62,7 +62,7 @@ def test_a_study_names_its_problems_before_any_run_starts(tmp_path, shapes_root)
     study = Study.load(_with_experiment(study_file(tmp_path, [good]), variant))
     assert [r.name for r in study.runs] == ["softmax/seed0", "wide/seed2"]
     assert run_state(study.runs[1]).folder == tmp_path / "wide" / "softmax" / "seed2"
-    with pytest.raises(StudyError, match=r"an experiment is a config path, or \{name, config, overrides, seeds\}"):
+    with pytest.raises(StudyError, match=r"an experiment is a config path, or \{name, config, overrides, seeds, grid\}"):
         Study.load(_with_experiment(study_file(tmp_path, [good]), f"- {{name: x, config: {good}, seed: 1}}\n"))
     for transfer, message in (("{pairs: [[softmax/seed0, softmax/seed9]]}", "'softmax/seed9' is not one of the study's runs"),
                               ("{pairs: [[softmax/seed0, softmax/seed0]], lambdas: []}", "transfer: The lambda grid is empty"),
