@@ -324,6 +324,9 @@ def analyse_transfer(study, trainer: Optional[L.Trainer] = None) -> dict:
     results = {"runs": [finetuning_record(r.name, r.experiment, r.seed, folders[r.name]) for r in study.runs if r.name in done],
                "missing": sorted(set(folders) - set(done)), "barriers": [], "criticality": [],
                "grids": {name: grid_scores(study, name) for name in study.grids}}
+    for record in results["runs"]:  # how far training moved each run from where it started
+        start = done[record["run"]] / "checkpoints" / "epoch000.ckpt"
+        record["distance_from_start"] = distance(str(done[record["run"]]), str(start))["all"] if start.is_file() else None
     common = dict(images=plan.images, batch_size=plan.batch_size, trainer=trainer)
     for a, b in plan.pairs:
         if a in done and b in done:

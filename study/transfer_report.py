@@ -67,7 +67,7 @@ def transfer_section(transfer: dict, out: Path) -> tuple[list[str], list[Path]]:
               f"Test accuracy and loss at the end of fine-tuning, mean ± s.e. over seeds; speed: the first step at which "
               f"test accuracy reaches {FRACTION:.0%} of the run's final.", "",
               "| experiment | kind | pre-training epoch | block size | seeds | test top-1 (%) | test loss | steps to "
-              f"{FRACTION:.0%} |", "|---|---|---|---|---|---|---|---|"]
+              f"{FRACTION:.0%} | ‖θ − θ_start‖₂ |", "|---|---|---|---|---|---|---|---|---|"]
     summaries = {}
     for name, group in groups.items():
         first = group[0]
@@ -75,7 +75,8 @@ def transfer_section(transfer: dict, out: Path) -> tuple[list[str], list[Path]]:
         epoch = "–" if first["pretraining_epoch"] is None else first["pretraining_epoch"]
         block = first["block_shuffle"] or "none"
         lines.append(f"| {name} | {first['kind']} | {epoch} | {block} | {len(group)} | {_cell(s['acc'], 100)} | "
-                     f"{_cell(s['loss'], 1, 3)} | {_cell(s['speed'], 1, 0)} |")
+                     f"{_cell(s['loss'], 1, 3)} | {_cell(s['speed'], 1, 0)} | "
+                     f"{_cell([r.get('distance_from_start') for r in group], 1, 2)} |")
     lines.append("")
     figures = [figure_learning_curves(groups, out / "figure_transfer_learning_curves.png"),
                figure_block_shuffle(groups, summaries, out / "figure_transfer_block_shuffle.png"),
@@ -307,7 +308,7 @@ def figure_criticality(found: list[dict], path: Path) -> Path:
         axes[1].bar(x, [100 * c["modules"][p]["rewound_test_error"] for p in parts], width, label=c["run"], color=f"C{k}")
     for ax in axes:
         ax.set_xticks(np.arange(len(parts)) + 0.4 - width / 2, parts, rotation=30)
-    axes[0].set(yscale="log", ylabel="module criticality μ (beyond the grid: drawn at 10x the largest)", title="criticality by module")
+    axes[0].set(yscale="log", ylabel="module criticality μ", title="criticality by module (beyond the grid: 10x the largest)")
     axes[1].set(ylabel="test error (%) with the module rewound", title="rewinding one module")
     axes[0].legend(fontsize=7)
     return save_figure(fig, path)
