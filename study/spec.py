@@ -185,7 +185,7 @@ class Study:
             cka = CKAPlan(tuple(tuple(p) for p in c.get("pairs", [])), c.get("layer", "penultimate"), c.get("seed", seeds[0]),
                           c.get("batch_size", 250), c.get("images"))
         transfer = None
-        if spec.get("transfer"):
+        if spec.get("transfer") is not None:  # {} asks for the fine-tuning section alone
             t = dict(spec["transfer"])
             known = set(TransferPlan.__dataclass_fields__)
             if set(t) - known:
