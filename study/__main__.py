@@ -150,7 +150,9 @@ def report(source: str, out: Optional[str] = None, cka_file: Optional[str] = Non
                         transfer=transfer)
     seconds = time.perf_counter() - start
     record_time(folder, "report", seconds)
-    print(f"report: {path} ({len(collected.runs)} runs, {len(collected.missing)} missing; {seconds:.1f} s)")
+    counted = (f"{len(collected.runs)} runs with measurements, {len(collected.missing)} without" if transfer else
+               f"{len(collected.runs)} runs, {len(collected.missing)} missing")
+    print(f"report: {path} ({counted}; {seconds:.1f} s)")
 
 
 def record_time(folder: Path, part: str, seconds: float) -> None:

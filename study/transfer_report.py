@@ -200,15 +200,19 @@ def findings(groups: dict, summaries: dict, transfer: dict) -> list[str]:
                      f"({np.mean([s for s in pt['speed'] if s is not None]):.0f} vs "
                      f"{np.mean([s for s in rit['speed'] if s is not None]):.0f} steps to {FRACTION:.0%} of final).")
     for b in transfer["barriers"]:
-        lines.append(f"- Barrier {b['a']} – {b['b']}: test loss {b['recomputed']['test']['loss_barrier']:.3f} "
-                     f"(interpolated moments: {b['interpolated']['test']['loss_barrier']:.3f}).")
+        r, i = b["recomputed"]["test"], b["interpolated"]["test"]
+        basin = "one basin (test error barrier ≤ 1 %)" if r["error_barrier"] <= 0.01 else "separated by a barrier"
+        lines.append(f"- {b['a']} and {b['b']}: {basin}; test loss barrier {r['loss_barrier']:.3f}, error barrier "
+                     f"{100 * r['error_barrier']:.1f} % (with interpolated batch-norm moments {i['loss_barrier']:.3f} and "
+                     f"{100 * i['error_barrier']:.1f} %).")
     for c in transfer["criticality"]:
         mus = [(p, m["criticality"]) for p, m in c["modules"].items()]
         known = [(p, mu) for p, mu in mus if mu is not None]
         if known:
             low, high = min(known, key=lambda x: x[1]), max(known, key=lambda x: x[1])
-            lines.append(f"- {c['run']}: least critical module {low[0]} (μ = {low[1]:.3g}), most critical {high[0]} "
-                         f"(μ = {high[1]:.3g}){'; beyond the grid: ' + ', '.join(p for p, mu in mus if mu is None) if len(known) < len(mus) else ''}.")
+            order = " < ".join(p for p, _ in sorted(known, key=lambda x: x[1]))
+            lines.append(f"- {c['run']}: modules from least to most critical: {order} (μ from {low[1]:.3g} to {high[1]:.3g})"
+                         f"{'; beyond the grid: ' + ', '.join(p for p, mu in mus if mu is None) if len(known) < len(mus) else ''}.")
     return lines + [""]
 
 
