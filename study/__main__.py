@@ -278,5 +278,19 @@ def criticality(run: str, initial: Optional[str] = None, out: str = "criticality
         print(", ".join(f"{p}: {m['criticality']}" for p, m in found["modules"].items()) + f"; {folder / 'criticality.json'}")
 
 
+def main() -> None:
+    from lightning_modules.classifier import PretrainingError
+
+    from .compare import ComparisonError
+    from .report import ReportError
+    from .spec import StudyError
+
+    try:
+        CLI([run, submit, analyse, report, cka, barrier, criticality])
+    except (StudyError, ReportError, ComparisonError, PretrainingError) as err:  # said plainly, without a traceback
+        print(f"{type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    CLI([run, submit, analyse, report, cka, barrier, criticality])
+    main()
