@@ -131,19 +131,22 @@ def table_two(runs: list[dict]) -> list[str]:
     means = {o: Cell([float(np.mean([np.mean(acc[o, t]) for t in targets if acc[o, t]]))]) for o in objectives}
     best = max(means, key=lambda o: means[o].mean)
     rows = lambda o: [(o, t, v) for t in targets for v in acc[o, t]]  # noqa: E731
+    average = len(targets) > 1  # an average column only over more than one data set, as in Table 1
     lines = ["### Table 2: fine-tuned test top-1 (%) by pre-training objective", "",
              f"Mean ± s.e. over runs; **bold**: the best and those not significantly worse (p ≥ {ALPHA}; per data set a "
              "two-sided Welch's t-test, the average by the objective's main effect in a two-way ANOVA, objective x data set, "
-             "against the best).", "", "| objective | " + " | ".join(targets) + " | Avg |", "|---|" + "---|" * (len(targets) + 1)]
+             "against the best).", "", "| objective | " + " | ".join(targets) + (" | Avg |" if average else " |"),
+             "|---|" + "---|" * (len(targets) + average)]
     for o in objectives:
         cells = []
         for t in targets:
             cell = columns[t].get(o)
             text = "–" if cell is None else f"{cell.mean:.1f}" + (f" ± {cell.se:.1f}" if len(cell.values) > 1 else "")
             cells.append(f"**{text}**" if cell is not None and cell.bold else text)
-        p = None if o == best else anova_objective_p(rows(o) + rows(best))
-        average = f"{means[o].mean:.1f}"
-        cells.append(f"**{average}**" if o == best or (p is not None and not math.isnan(p) and p >= ALPHA) else average)
+        if average:
+            p = None if o == best else anova_objective_p(rows(o) + rows(best))
+            mean = f"{means[o].mean:.1f}"
+            cells.append(f"**{mean}**" if o == best or (p is not None and not math.isnan(p) and p >= ALPHA) else mean)
         lines.append(f"| {o} | " + " | ".join(cells) + " |")
     return lines + [""]
 
