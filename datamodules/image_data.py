@@ -172,6 +172,7 @@ class ImageClassificationData(L.LightningDataModule):
         self.validation_split = validation_split
         self.block_shuffle = block_shuffle
         self._held_out: Optional[tuple[np.ndarray, np.ndarray]] = None
+        self._permutations: dict[tuple[int, torch.device], Tensor] = {}  # drawn once per size and device, not per batch
         self._mean = torch.tensor(mean).view(1, 3, 1, 1)
         self._std = torch.tensor(std).view(1, 3, 1, 1)
 
@@ -277,6 +278,12 @@ class ImageClassificationData(L.LightningDataModule):
     def train_resolution(self, epoch: int) -> int:
         return self.progressive_resolution(epoch) if self.progressive_resolution else self.image_size
 
+    def _permutation(self, blocks_per_side: int, device: torch.device) -> Tensor:
+        key = (blocks_per_side, device)
+        if key not in self._permutations:
+            self._permutations[key] = block_permutation(blocks_per_side, self.seed).to(device)
+        return self._permutations[key]
+
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         """Normalise uint8 images to float on the training device (channels_last on a GPU); labels to int64
         of shape (B,), also for a last batch of one (FFCV gives (B, 1)), owned by the caller."""
@@ -287,7 +294,7 @@ class ImageClassificationData(L.LightningDataModule):
             images = images.contiguous(memory_format=torch.channels_last)
         images = (images.float() - self._mean) / self._std
         if self.block_shuffle is not None:  # after normalisation, as the authors' code does
-            images = shuffle_blocks(images, self.block_shuffle, block_permutation(images.shape[-1] // self.block_shuffle, self.seed))
+            images = shuffle_blocks(images, self.block_shuffle, self._permutation(images.shape[-1] // self.block_shuffle, images.device))
         # A copy: FFCV hands out the same label buffers again a few batches later.
         return images, labels.to(torch.long, copy=True).reshape(-1)
 
@@ -304,6 +311,6 @@ def shuffle_blocks(images: Tensor, block: int, permutation: Tensor) -> Tensor:
     n, c, h, w = images.shape
     rows, cols = h // block, w // block
     blocks = images.reshape(n, c, rows, block, cols, block).permute(0, 1, 2, 4, 3, 5).reshape(n, c, rows * cols, block, block)
-    blocks = blocks[:, :, permutation.to(images.device)]
+    blocks = blocks[:, :, permutation.to(images.device)]  # a no-op when it is there already
     out = blocks.reshape(n, c, rows, cols, block, block).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h, w)
     return out.contiguous(memory_format=torch.channels_last) if images.is_cuda else out

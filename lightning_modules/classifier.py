@@ -347,14 +347,11 @@ class ObjectiveClassifier(L.LightningModule):
 
 
 def pretrained_backbone(path: str, hparams) -> dict[str, Tensor]:
-    """The evaluated backbone weights (the EMA when on) of the checkpoint ``path``, checked against this run's
-    architecture (``hparams``)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    source = checkpoint.get("hyper_parameters", {})
-    theirs, ours = (source.get("backbone"), source.get("backbone_source")), (hparams.backbone, hparams.backbone_source)
+    """The evaluated backbone weights (``eval_network``: the EMA when on) of the checkpoint ``path``, checked
+    against this run's architecture (``hparams``)."""
+    source = ObjectiveClassifier.load_from_checkpoint(path, map_location="cpu", init_from=None)  # its own start is not needed
+    theirs, ours = (source.hparams.backbone, source.hparams.backbone_source), (hparams.backbone, hparams.backbone_source)
     if theirs != ours:
         raise PretrainingError(f"model.init_from {path} holds a {theirs[0]} from {theirs[1]}, this run builds a {ours[0]} "
                                f"from {ours[1]}: set model.backbone and model.backbone_source to the pre-training run's.")
-    state = checkpoint["state_dict"]
-    prefix = "ema.module.backbone." if any(k.startswith("ema.module.") for k in state) else "network.backbone."
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return source.eval_network.backbone.state_dict()

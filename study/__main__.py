@@ -76,23 +76,20 @@ def analyse(study: str, accelerator: str = "auto", devices: str = "auto", num_no
         devices: Trainer devices (processes) for the comparison pass.
         num_nodes: Trainer nodes.
     """
-    import lightning as L
-
     from .runs import collect
 
     spec = Study.load(study)
     collected = collect(spec)
     cka = None
     if spec.cka is not None and collected.runs:
-        from .compare import compare
+        from .compare import compare, pass_trainer
 
         folders = {r.name: r.folder for r in collected.runs}
         pairs = [p for p in spec.cka.pairs if all(n.split("@")[0] in folders for n in p)]
         matrix = [n for n in folders if n.endswith(f"/seed{spec.cka.seed}")] if spec.cka.layer else []
         names = {n for p in pairs for n in p} | set(matrix)
         networks = {n: str(folders[n.split("@")[0]]) + ("@untrained" if n.endswith("@untrained") else "") for n in sorted(names)}
-        trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False)
+        trainer = pass_trainer(accelerator, devices, num_nodes)
         start = time.perf_counter()
         cka = compare(networks, pairs, matrix, spec.cka.layer, agreement=spec.agreement, batch_size=spec.cka.batch_size,
                       images=spec.cka.images, trainer=trainer)
@@ -108,12 +105,10 @@ def analyse(study: str, accelerator: str = "auto", devices: str = "auto", num_no
         print(f"CKA and agreement of {len(networks)} networks: {seconds:.0f} s", flush=True)
         record_time(spec.report, "cka", seconds)
     if spec.transfer is not None:
-        import lightning as L
-
+        from .compare import pass_trainer
         from .transfer import analyse_transfer
 
-        trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False)
+        trainer = pass_trainer(accelerator, devices, num_nodes)
         start = time.perf_counter()
         found = analyse_transfer(spec, trainer)
         if not trainer.is_global_zero:
@@ -181,17 +176,14 @@ def cka(pairs: Optional[list[tuple[str, str]]] = None, out: str = "cka", matrix:
         batch_size: images per CKA minibatch (> 3; the paper uses 1,500).
         images: the first this many validation images (all by default).
     """
-    import lightning as L
-
-    from .compare import compare
+    from .compare import compare, pass_trainer
     from .report import figure_two
 
     pairs = pairs or []
     names = list(dict.fromkeys([*(n for p in pairs for n in p), *(matrix or [])]))
     if not names:
         raise SystemExit("cka: name --pairs and/or --matrix (run folders or .ckpt files).")
-    trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False)
+    trainer = pass_trainer(accelerator, devices, num_nodes)
     results = compare({n: n for n in names}, [tuple(p) for p in pairs], matrix or [], layer, agreement,
                       batch_size=batch_size, images=images, trainer=trainer)
     if trainer.is_global_zero:
@@ -200,13 +192,6 @@ def cka(pairs: Optional[list[tuple[str, str]]] = None, out: str = "cka", matrix:
         (folder / "cka.json").write_text(json.dumps(results, indent=1))
         figure_two(results, folder / "figure2_cka.png")
         print(f"CKA: {folder / 'cka.json'}, {folder / 'figure2_cka.png'}")
-
-
-def _pass_trainer(accelerator: str, devices: str, num_nodes: int):
-    import lightning as L
-
-    return L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, logger=False,
-                     enable_checkpointing=False, enable_progress_bar=False)
 
 
 def barrier(a: str, b: str, out: str = "barrier", lambdas: Optional[list[float]] = None, images: int = 1000,
@@ -225,16 +210,13 @@ def barrier(a: str, b: str, out: str = "barrier", lambdas: Optional[list[float]]
         batch_size: images per batch.
     """
     from . import transfer
+    from .compare import pass_trainer
     from .spec import TransferPlan
     from .transfer_report import figure_barriers
 
-    trainer = _pass_trainer(accelerator, devices, num_nodes)
+    trainer = pass_trainer(accelerator, devices, num_nodes)
     lambdas = TransferPlan.lambdas if lambdas is None else lambdas
-    entry = {"a": a, "b": b, "lambdas": list(lambdas), "distance": transfer.distance(a, b)}
-    for key, recompute in (("recomputed", True), ("interpolated", False)):
-        path = transfer.barrier(a, b, lambdas, images=images, batch_size=batch_size, bn_images=bn_images,
-                                recompute_bn=recompute, trainer=trainer)
-        entry[key] = {split: path[split] for split in transfer.SPLITS}
+    entry = transfer.barrier_pair(a, b, lambdas, images=images, batch_size=batch_size, bn_images=bn_images, trainer=trainer)
     if trainer.is_global_zero:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
@@ -262,11 +244,12 @@ def criticality(run: str, initial: Optional[str] = None, out: str = "criticality
         batch_size: images per batch.
     """
     from . import transfer
+    from .compare import pass_trainer
     from .spec import TransferPlan
     from .transfer_report import figure_criticality
 
     initial = initial or str(Path(run) / "checkpoints" / "epoch000.ckpt")
-    trainer = _pass_trainer(accelerator, devices, num_nodes)
+    trainer = pass_trainer(accelerator, devices, num_nodes)
     found = transfer.criticality(run, initial, alphas or TransferPlan.alphas, sigmas or TransferPlan.sigmas, draws, epsilon,
                                  images=images, batch_size=batch_size, trainer=trainer)
     if trainer.is_global_zero:

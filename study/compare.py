@@ -32,7 +32,7 @@ from jsonargparse import ArgumentParser
 from lightning_modules import ObjectiveClassifier
 from measurements import MinibatchCKA, PredictionAgreement, gram
 
-__all__ = ["Comparison", "ComparisonError", "FixedImages", "compare", "load_network", "recompute_batch_norm"]
+__all__ = ["Comparison", "ComparisonError", "FixedImages", "compare", "load_network", "pass_trainer", "recompute_batch_norm"]
 
 PENULTIMATE = "penultimate"
 UNTRAINED = "@untrained"
@@ -272,10 +272,16 @@ def compare(networks: dict[str, str], pairs: list[tuple[str, str]] = (), matrix:
     if data is None:
         data = data_module_of(run_folder_of(loaded[0].source))
     images_module = FixedImages(data, batch_size, images, min_last_batch=4)
-    trainer = trainer or L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = trainer or pass_trainer()
     module = Comparison(loaded, list(pairs), matrix_layer, list(matrix), agreement, bn_images)
     trainer.validate(module, datamodule=images_module, verbose=False)
     return module.results
+
+
+def pass_trainer(accelerator: str = "auto", devices: str = "auto", num_nodes: int = 1) -> L.Trainer:
+    """The Trainer of a between-model pass (CKA, barriers, criticality): validation only, nothing logged or saved."""
+    return L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False)
 
 
 def check_comparable(loaded: list[Loaded]) -> None:

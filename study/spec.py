@@ -212,17 +212,19 @@ class Study:
                              f"{', '.join(self.experiments)}; seeds: {list(self.seeds)}, unless an experiment names its own).")
         return found[0]
 
+    def _check_run_pairs(self, pairs, what: str) -> None:
+        for pair in pairs:
+            if len(pair) != 2:
+                raise StudyError(f"{self.path}: a {what} pair names two runs, got {list(pair)}.")
+            for name in pair:
+                self.run(name)
+
     def _check_pairs(self) -> None:
         if self.cka is None:
             return
-        for pair in self.cka.pairs:
-            if len(pair) != 2:
-                raise StudyError(f"{self.path}: a CKA pair names two runs, got {list(pair)}.")
-            for name in pair:
-                self.run(name)
+        self._check_run_pairs(self.cka.pairs, "CKA")
         if self.cka.seed not in self.seeds:
             raise StudyError(f"{self.path}: cka.seed {self.cka.seed} is not one of the study's seeds {list(self.seeds)}.")
-
 
     def _check_transfer(self) -> None:
         """Names and grids of ``transfer`` checked now, not after the runs have trained."""
@@ -230,11 +232,7 @@ class Study:
             return
         from .transfer import check_grid, check_lambdas
 
-        for pair in self.transfer.pairs:
-            if len(pair) != 2:
-                raise StudyError(f"{self.path}: a barrier pair names two runs, got {list(pair)}.")
-            for name in pair:
-                self.run(name)
+        self._check_run_pairs(self.transfer.pairs, "barrier")
         for name in self.transfer.criticality:
             self.run(name)
         try:

@@ -35,7 +35,8 @@ from torchmetrics import Metric
 
 from measurements.weight_space import interpolate, loss_barrier, module_criticality, parameter_distance, perturb, sigma_scale
 
-from .compare import ComparisonError, FixedImages, Loaded, check_comparable, data_module_of, load_network, recompute_batch_norm, run_folder_of
+from .compare import (ComparisonError, FixedImages, Loaded, check_comparable, data_module_of, load_network, pass_trainer,
+                      recompute_batch_norm, run_folder_of)
 
 __all__ = ["InterpolationPath", "Criticality", "LossSums", "barrier", "criticality", "distance"]
 
@@ -225,10 +226,6 @@ def check_grid(alphas: Sequence[float], sigmas: Sequence[float], draws: int) -> 
 
 # --- commands (python -m study {barrier,distance,criticality}) ---
 
-def _trainer(trainer: Optional[L.Trainer]) -> L.Trainer:
-    return trainer or L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-
-
 def barrier(a: str, b: str, lambdas: Sequence[float], data=None, images: int = 1000, batch_size: int = 250,
             bn_images: int = 2000, recompute_bn: bool = True, trainer: Optional[L.Trainer] = None) -> dict:
     """Loss and error along the straight path between the checkpoints ``a`` and ``b`` (run folders or .ckpt)
@@ -238,8 +235,18 @@ def barrier(a: str, b: str, lambdas: Sequence[float], data=None, images: int = 1
     check_comparable(loaded)
     data = data if data is not None else data_module_of(run_folder_of(loaded[0].source))
     module = InterpolationPath(*loaded, lambdas, recompute_bn, bn_images)
-    _trainer(trainer).validate(module, datamodule=FixedImages(data, batch_size, images, ("train", "val")), verbose=False)
+    (trainer or pass_trainer()).validate(module, datamodule=FixedImages(data, batch_size, images, ("train", "val")), verbose=False)
     return {**module.results, "a": a, "b": b}
+
+
+def barrier_pair(a: str, b: str, lambdas: Sequence[float], **options) -> dict:
+    """A pair's barriers with batch-norm moments recomputed and, to show what that changes, interpolated, and its
+    parameter distance: what the report's barrier table and figure draw (``options``: those of ``barrier``)."""
+    entry = {"a": a, "b": b, "lambdas": list(lambdas), "distance": distance(a, b)}
+    for key, recompute in (("recomputed", True), ("interpolated", False)):
+        path = barrier(a, b, lambdas, recompute_bn=recompute, **options)
+        entry[key] = {split: path[split] for split in SPLITS}
+    return entry
 
 
 def distance(a: str, b: str) -> dict[str, float]:
@@ -263,7 +270,7 @@ def criticality(final: str, initial: str, alphas: Sequence[float], sigmas: Seque
     parts = {part: [f"net.{n}" for n in names] for part, names in loaded[0].module.eval_network.parts().items()}
     initial_state = {f"net.{k}": v for k, v in loaded[1].module.eval_network.state_dict().items()}
     module = Criticality(logits, initial_state, parts, alphas, sigmas, draws, epsilon, seed)
-    _trainer(trainer).validate(module, datamodule=FixedImages(data, batch_size, images, ("train", "val")), verbose=False)
+    (trainer or pass_trainer()).validate(module, datamodule=FixedImages(data, batch_size, images, ("train", "val")), verbose=False)
     return {**module.results, "final": final, "initial": initial}
 
 
@@ -284,7 +291,8 @@ def finetuning_record(name: str, experiment: str, seed: int, folder: Path) -> di
     epoch, objective = None, None
     if init_from:
         source = Path(init_from)
-        hparams = torch.load(source, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+        # mmap: the hyper-parameters without reading the weights (ResNet-50's 100 MB for every fine-tuning run)
+        hparams = torch.load(source, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {})
         objective = str((hparams.get("objective") or {}).get("class_path", "Softmax")).rsplit(".", 1)[-1]
         if source.stem.startswith("epoch"):
             epoch = int(source.stem[5:])
@@ -314,12 +322,11 @@ def analyse_transfer(study, trainer: Optional[L.Trainer] = None) -> dict:
     finished are listed, never silently left out."""
     from callbacks.checkpoints import finished
 
-    from .sweep import run_state
+    from .sweep import grid_scores, run_state
 
     plan = study.transfer
     folders = {run.name: run_state(run).folder for run in study.runs}
     done = {name: folder for name, folder in folders.items() if finished(folder) is not None}
-    from .sweep import grid_scores
 
     results = {"runs": [finetuning_record(r.name, r.experiment, r.seed, folders[r.name]) for r in study.runs if r.name in done],
                "missing": sorted(set(folders) - set(done)), "barriers": [], "criticality": [],
@@ -330,12 +337,8 @@ def analyse_transfer(study, trainer: Optional[L.Trainer] = None) -> dict:
     common = dict(images=plan.images, batch_size=plan.batch_size, trainer=trainer)
     for a, b in plan.pairs:
         if a in done and b in done:
-            entry = {"a": a, "b": b, "distance": distance(str(done[a]), str(done[b]))}
-            for key, recompute in (("recomputed", True), ("interpolated", False)):
-                path = barrier(str(done[a]), str(done[b]), plan.lambdas, bn_images=plan.bn_images, recompute_bn=recompute, **common)
-                entry[key] = {split: path[split] for split in SPLITS}
-            entry["lambdas"] = list(plan.lambdas)
-            results["barriers"].append(entry)
+            entry = barrier_pair(str(done[a]), str(done[b]), plan.lambdas, bn_images=plan.bn_images, **common)
+            results["barriers"].append({**entry, "a": a, "b": b})
     for name in plan.criticality:
         if name in done:
             start = done[name] / "checkpoints" / "epoch000.ckpt"
@@ -344,6 +347,5 @@ def analyse_transfer(study, trainer: Optional[L.Trainer] = None) -> dict:
                                       f"against; keep it with checkpoints.epochs: [0].")
             found = criticality(str(done[name]), str(start), plan.alphas, plan.sigmas, plan.draws, plan.epsilon, **common)
             found["run"] = name
-            found["distance_from_start"] = distance(str(done[name]), str(start))
             results["criticality"].append(found)
     return results
