@@ -1,7 +1,8 @@
-"""``python -m study {run,submit,analyse,report,cka,barrier,criticality} --help``: a study from its YAML file to its report.
+"""``python -m study {run,submit,analyse,report,cka,barrier,criticality,fit_args} --help``: a study from its YAML file
+to its report.
 
     python -m study run configs/studies/embedded.yaml        # every run, one after another, then the analysis
-    python -m study submit configs/studies/imagenet.yaml --sbatch "[--partition=gpu]"   # SLURM array + analysis job
+    python -m study submit configs/studies/imagenet.yaml --sbatch "[--partition=gpu]"   # SLURM arrays + analysis job
     python -m study analyse configs/studies/embedded.yaml    # CKA and agreement (Trainer), then the report
     python -m study report configs/studies/embedded.yaml     # the report alone, from what the runs measured
     python -m study cka --pairs "[[runs/a/seed0, runs/b/seed0]]" --out cka/   # CKA of any checkpoints
@@ -50,25 +51,42 @@ def run(study: str, analyse_after: bool = True) -> None:
 
 
 def submit(study: str, sbatch: Optional[list[str]] = None, analysis_sbatch: Optional[list[str]] = None) -> None:
-    """Submit ``study`` to SLURM: its unfinished runs as one array job (a task per config x seed, each as
-    slurm/train.sbatch runs one) and its analysis (slurm/analyse.sbatch) to start when every task has
-    succeeded (--dependency=afterok).
+    """Submit ``study`` to SLURM: its unfinished runs as one array job per stage (a task per run, each as
+    slurm/train.sbatch runs one; a stage waits for the runs it starts from: pre-training before fine-tuning, a
+    grid before its refit) and its analysis (slurm/analyse.sbatch) to start when every task has succeeded
+    (--dependency=afterok).
 
     Args:
         study: the study file.
-        sbatch: sbatch flags for the array, e.g. [--partition=gpu, --nodes=2].
+        sbatch: sbatch flags for every array, e.g. [--partition=gpu, --nodes=2].
         analysis_sbatch: sbatch flags for the analysis job.
     """
     from .sweep import submit_to_slurm
 
-    array, analysis = submit_to_slurm(Study.load(study), list(sbatch or []), list(analysis_sbatch or []))
-    print(f"array job {array or '(none: every run has finished)'}; analysis job {analysis}"
-          f"{' after it' if array else ''}; logs in slurm/logs/")
+    arrays, analysis = submit_to_slurm(Study.load(study), list(sbatch or []), list(analysis_sbatch or []))
+    print(f"array jobs {', '.join(arrays) or '(none: every run has finished)'}; analysis job {analysis}"
+          f"{' after them' if arrays else ''}; logs in slurm/logs/")
+
+
+def fit_args(study: str, run: str) -> None:
+    """The ``cli.py fit`` arguments of one run of ``study``, NUL-separated on stdout: what slurm/train.sbatch runs
+    for an array task of ``submit``; a refit's include the point its grid chose (an error while the grid has
+    unfinished runs).
+
+    Args:
+        study: the study file.
+        run: the run, <experiment>/seed<k>.
+    """
+    from .sweep import selected
+
+    spec = Study.load(study)
+    sys.stdout.write("\0".join(selected(spec, spec.run(run)).fit_args()))
 
 
 def analyse(study: str, accelerator: str = "auto", devices: str = "auto", num_nodes: int = 1) -> None:
-    """The study's between-model comparisons (CKA, prediction agreement) on Lightning's Trainer (N devices,
-    SLURM under srun), written to <report>/cka.json, then the report.
+    """The study's passes over its networks on Lightning's Trainer (N devices, SLURM under srun): CKA and
+    prediction agreement (<report>/cka.json), barriers and criticality of ``transfer:`` (<report>/transfer.json);
+    then the report.
 
     Args:
         study: the study file.
@@ -76,50 +94,54 @@ def analyse(study: str, accelerator: str = "auto", devices: str = "auto", num_no
         devices: Trainer devices (processes) for the comparison pass.
         num_nodes: Trainer nodes.
     """
-    from .runs import collect
+    from .compare import pass_trainer
 
     spec = Study.load(study)
-    collected = collect(spec)
-    cka = None
-    if spec.cka is not None and collected.runs:
-        from .compare import compare, pass_trainer
+    trainer = pass_trainer(accelerator, devices, num_nodes)
+    cka = study_cka(spec, trainer) if spec.cka is not None else None
+    if spec.transfer is not None:
+        from .transfer import analyse_transfer
 
-        folders = {r.name: r.folder for r in collected.runs}
-        pairs = [p for p in spec.cka.pairs if all(n.split("@")[0] in folders for n in p)]
-        matrix = [n for n in folders if n.endswith(f"/seed{spec.cka.seed}")] if spec.cka.layer else []
-        names = {n for p in pairs for n in p} | set(matrix)
-        networks = {n: str(folders[n.split("@")[0]]) + ("@untrained" if n.endswith("@untrained") else "") for n in sorted(names)}
-        trainer = pass_trainer(accelerator, devices, num_nodes)
         start = time.perf_counter()
-        cka = compare(networks, pairs, matrix, spec.cka.layer, agreement=spec.agreement, batch_size=spec.cka.batch_size,
-                      images=spec.cka.images, trainer=trainer)
-        if not trainer.is_global_zero:
-            return
+        found = analyse_transfer(spec, trainer)
+        if trainer.is_global_zero:
+            spec.report.mkdir(parents=True, exist_ok=True)
+            (spec.report / "transfer.json").write_text(json.dumps(found, indent=1))
+            seconds = time.perf_counter() - start
+            print(f"transfer: {len(found['barriers'])} barrier pairs, {len(found['criticality'])} criticality runs: "
+                  f"{seconds:.0f} s", flush=True)
+            record_time(spec.report, "transfer analysis", seconds)
+    if trainer.is_global_zero:  # every process took part in the passes; one writes the report
+        report(study, cka_file=str(spec.report / "cka.json") if cka else None)
+
+
+def study_cka(spec: Study, trainer) -> Optional[dict]:
+    """CKA and agreement between the study's finished runs (``cka:`` in its file), written to <report>/cka.json
+    by the first process; None when none of the runs it names has finished."""
+    from .compare import compare
+    from .sweep import run_state
+
+    plan = spec.cka
+    folders = {r.name: s.folder for r in spec.runs for s in [run_state(r)] if s.state == "finished"}
+    pairs = [p for p in plan.pairs if all(n.split("@")[0] in folders for n in p)]
+    matrix = [n for n in folders if n.endswith(f"/seed{plan.seed}")] if plan.layer else []
+    names = {n for p in pairs for n in p} | set(matrix)
+    if not names:
+        return None
+    networks = {n: str(folders[n.split("@")[0]]) + ("@untrained" if n.endswith("@untrained") else "") for n in sorted(names)}
+    start = time.perf_counter()
+    cka = compare(networks, pairs, matrix, plan.layer, agreement=spec.agreement, batch_size=plan.batch_size,
+                  images=plan.images, trainer=trainer)
+    if trainer.is_global_zero:
         if "matrix" in cka:
-            cka["matrix"]["seed"] = spec.cka.seed
-        skipped = [p for p in spec.cka.pairs if p not in pairs]
-        cka["skipped_pairs"] = [list(p) for p in skipped]
+            cka["matrix"]["seed"] = plan.seed
+        cka["skipped_pairs"] = [list(p) for p in plan.pairs if p not in pairs]
         spec.report.mkdir(parents=True, exist_ok=True)
         (spec.report / "cka.json").write_text(json.dumps(cka, indent=1))
         seconds = time.perf_counter() - start
         print(f"CKA and agreement of {len(networks)} networks: {seconds:.0f} s", flush=True)
         record_time(spec.report, "cka", seconds)
-    if spec.transfer is not None:
-        from .compare import pass_trainer
-        from .transfer import analyse_transfer
-
-        trainer = pass_trainer(accelerator, devices, num_nodes)
-        start = time.perf_counter()
-        found = analyse_transfer(spec, trainer)
-        if not trainer.is_global_zero:
-            return
-        spec.report.mkdir(parents=True, exist_ok=True)
-        (spec.report / "transfer.json").write_text(json.dumps(found, indent=1))
-        seconds = time.perf_counter() - start
-        print(f"transfer: {len(found['barriers'])} barrier pairs, {len(found['criticality'])} criticality runs: {seconds:.0f} s",
-              flush=True)
-        record_time(spec.report, "transfer analysis", seconds)
-    report(study, cka_file=str(spec.report / "cka.json") if cka else None)
+    return cka
 
 
 def report(source: str, out: Optional[str] = None, cka_file: Optional[str] = None) -> None:
@@ -267,10 +289,11 @@ def main() -> None:
     from .compare import ComparisonError
     from .report import ReportError
     from .spec import StudyError
+    from .sweep import GridUnfinished
 
     try:
-        CLI([run, submit, analyse, report, cka, barrier, criticality])
-    except (StudyError, ReportError, ComparisonError, PretrainingError) as err:  # said plainly, without a traceback
+        CLI([run, submit, analyse, report, cka, barrier, criticality, fit_args])
+    except (StudyError, ReportError, ComparisonError, PretrainingError, GridUnfinished) as err:  # said plainly, without a traceback
         print(f"{type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -215,7 +215,7 @@ def write_report(collected: Collected, out: Path, title: str = "Study", cka: Opt
     """Write results.csv, report.md and the figures of ``collected`` runs into ``out``, with the section on what is
     transferred when the study measured it (``transfer``: ``study/transfer_report.py``); returns report.md."""
     if not collected.runs and transfer is not None:  # a transfer study: its runs measure nothing at the end of fit
-        return write_transfer_only(out, title, transfer)
+        return write_transfer_only(out, title, transfer, cka)
     if not collected.runs:
         where = "\n".join(f"  {p}" for p in collected.looked_in[:20]) or "  (nowhere: the study lists no runs)"
         missing = "".join(f"\n  {name}: {why}" for name, why in collected.missing[:20])
@@ -285,9 +285,9 @@ def write_report(collected: Collected, out: Path, title: str = "Study", cka: Opt
     if points:
         figures.append(figure_five(points, {n: main[n][0] for n in points}, paper, out / "figure5_r2_vs_transfer.png", rho, p))
     if cka:
-        figures.append(figure_two(cka, out / "figure2_cka.png"))
-        figures.append(figure_agreement(cka, out / "figure_c4_agreement.png"))
-        lines += cka_section(cka)
+        section, drawn = cka_parts(cka, out)
+        lines += section
+        figures += drawn
     if transfer is not None:
         from .transfer_report import transfer_section
 
@@ -300,12 +300,18 @@ def write_report(collected: Collected, out: Path, title: str = "Study", cka: Opt
     return report
 
 
-def write_transfer_only(out: Path, title: str, transfer: dict) -> Path:
+def write_transfer_only(out: Path, title: str, transfer: dict, cka: Optional[dict] = None) -> Path:
+    """The report of a study whose runs measured nothing at the end of fit (fine-tuning): its transfer section, and
+    CKA between its networks when it computed that."""
     from .transfer_report import transfer_section
 
     out.mkdir(parents=True, exist_ok=True)
-    section, figures = transfer_section(transfer, out)
-    lines = [f"# {title}", "", *section, "## Figures", "", *[f"![{f.stem}]({f.name})" for f in figures], ""]
+    lines, figures = transfer_section(transfer, out)
+    if cka:
+        section, drawn = cka_parts(cka, out)
+        lines += section
+        figures += drawn
+    lines = [f"# {title}", "", *lines, "## Figures", "", *[f"![{f.stem}]({f.name})" for f in figures if f is not None], ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report
@@ -413,6 +419,11 @@ def figure_five(points: dict[str, tuple[float, float]], examples: dict[str, RunR
     ax.grid(alpha=0.3)
     figure.suptitle("Figure 5: class separation against transfer", fontsize=10)
     return save_figure(figure, path)
+
+
+def cka_parts(cka: dict, out: Path) -> tuple[list[str], list[Path]]:
+    """The CKA and agreement section and its figures (Figure 2, Figure C.4)."""
+    return cka_section(cka), [figure_two(cka, out / "figure2_cka.png"), figure_agreement(cka, out / "figure_c4_agreement.png")]
 
 
 def figure_two(cka: dict, path: Path) -> Path:

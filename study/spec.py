@@ -11,7 +11,7 @@
       pairs:                # block x block heatmaps (Figure 2a): runs as <experiment>/seed<k>
         - [softmax/seed0, softmax/seed1]          # control: two seeds of one objective
         - [softmax/seed0, softmax/seed0@untrained]  # control: an untrained network, BN moments of training images
-      layer: penultimate    # the objective x objective matrix of this layer's CKA (Figure 2b)
+      layer: penultimate    # the objective x objective matrix of this layer's CKA (Figure 2b); null: none
       seed: 0               # ... between the experiments' runs of this seed
       batch_size: 250       # images per CKA minibatch (the paper: 1,500)
       images: null          # the first this many validation images (all by default)

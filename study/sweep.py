@@ -1,5 +1,12 @@
-"""Running a study's runs: locally one after another, or on SLURM as one array job with the analysis as a
-job that starts when every task has succeeded.
+"""Running a study's runs: locally one after another, or on SLURM as array jobs with the analysis as a job
+that starts when every task has succeeded.
+
+Runs come in stages (``stages``): a run that starts from another run's checkpoint (``model.init_from`` inside
+that run's folder: fine-tuning from a pre-training run of the study) comes after it, and a refit after every
+point of its grid (appendix A.3: the point is chosen from their held-out scores). Locally the stages run in
+order; on SLURM each stage is one array job that waits for the one before (``--dependency=afterok``), and
+each task reads its run's arguments when it starts (``python -m study fit_args``), so a refit takes the
+point its grid chose.
 
 A run whose folder holds ``checkpoints/finished.json`` for the same bounds (max_epochs, max_steps) is
 skipped; any other run is started with ``--ckpt_path=last``, which resumes it from its last checkpoint when
@@ -19,7 +26,7 @@ from callbacks.checkpoints import finished
 
 from .spec import Run, Study
 
-__all__ = ["GridUnfinished", "RunState", "grid_scores", "run_locally", "run_state", "selected", "submit_to_slurm"]
+__all__ = ["GridUnfinished", "RunState", "grid_scores", "run_locally", "run_state", "selected", "stages", "submit_to_slurm"]
 
 
 class GridUnfinished(RuntimeError):
@@ -33,6 +40,7 @@ class RunState:
     run: Run
     folder: Path
     state: str  # "finished", "unfinished" (a checkpoint to resume from) or "new"
+    init_from: Optional[Path] = None  # the checkpoint it fine-tunes from (model.init_from)
 
 
 def run_state(run: Run) -> RunState:
@@ -41,12 +49,49 @@ def run_state(run: Run) -> RunState:
 
     config = fit_config(run.config_args())
     folder = run_folder(config)
+    init_from = Path(config.model.init_from) if config.model.init_from else None
     done = finished(folder)
     if done is not None:
         trainer = config.trainer
         if (done.get("max_epochs"), done.get("max_steps")) == (trainer.max_epochs, trainer.max_steps):
-            return RunState(run, folder, "finished")
-    return RunState(run, folder, "unfinished" if (folder / "checkpoints" / "last.ckpt").is_file() else "new")
+            return RunState(run, folder, "finished", init_from)
+    return RunState(run, folder, "unfinished" if (folder / "checkpoints" / "last.ckpt").is_file() else "new", init_from)
+
+
+def stages(study: Study, states: list[RunState]) -> list[list[RunState]]:
+    """``states`` in the order they can run: stage k holds the runs whose every prerequisite lies in stages
+    before k (in the study's order within a stage). A run's prerequisites: the run whose folder holds the
+    checkpoint it starts from (``model.init_from``), and, for a refit, every point of its grid. A checkpoint that
+    neither exists nor comes from one of the study's runs is an error now, not when its run starts."""
+    owners = {s.run.name: s.folder.resolve() for s in states}
+    points = {name: {p for p, _, _ in grid.points} for name, grid in study.grids.items()}
+    needs: dict[str, list[str]] = {}
+    for s in states:
+        needs[s.run.name] = [r.run.name for r in states if r.run.experiment in points.get(s.run.experiment, ())]
+        if s.init_from is not None:
+            source = s.init_from.resolve()
+            owner = [name for name, folder in owners.items() if name != s.run.name and source.is_relative_to(folder)]
+            if not owner and not s.init_from.is_file():
+                from .spec import StudyError
+
+                raise StudyError(f"{study.path}: {s.run.name} starts from {s.init_from} (model.init_from), which does not exist "
+                                 f"and which none of the study's runs trains. Train that run first, or correct the path.")
+            needs[s.run.name] += owner
+    depth: dict[str, int] = {}
+
+    def stage_of(name: str, path: tuple[str, ...] = ()) -> int:
+        if name in path:
+            from .spec import StudyError
+
+            raise StudyError(f"{study.path}: runs that start from one another in a circle: {' -> '.join((*path, name))}.")
+        if name not in depth:
+            depth[name] = 1 + max((stage_of(n, (*path, name)) for n in needs[name]), default=-1)
+        return depth[name]
+
+    ordered: list[list[RunState]] = [[] for _ in range(1 + max((stage_of(s.run.name) for s in states), default=-1))]
+    for s in states:
+        ordered[depth[s.run.name]].append(s)
+    return ordered
 
 
 def grid_scores(study: Study, experiment: str) -> dict:
@@ -72,7 +117,8 @@ def selected(study: Study, run: Run) -> Run:
     scores = grid_scores(study, run.experiment)
     if scores["chosen"] is None:
         unfinished = [p["point"] for p in scores["points"] if p["held_out_acc1"] is None]
-        raise GridUnfinished(f"{run.name}: its grid has unfinished runs ({', '.join(unfinished)}); run the study again.")
+        raise GridUnfinished(f"{run.name}: its grid has unfinished runs ({', '.join(unfinished)}); the grid runs first "
+                             f"(python -m study run, or submit, orders them so), then its refit.")
     point = next(p for p in scores["points"] if p["point"] == scores["chosen"])
     return replace(run, overrides=(*run.overrides, f"--model.lr_per_256={point['lr_per_256']}",
                                    f"--model.weight_decay={point['weight_decay']}"))
@@ -100,7 +146,7 @@ def run_locally(study: Study, timings: Optional[dict] = None, python: str = sys.
     that failed, and adds each run's seconds to ``timings``. A failed run does not stop the others; the
     report lists it as missing."""
     states = [run_state(r) for r in study.runs]
-    todo = [s for s in states if s.state != "finished"]
+    todo = [s for stage in stages(study, states) for s in stage if s.state != "finished"]
     print(f"study {study.path}: {len(states)} runs, {len(states) - len(todo)} finished, {len(todo)} to run", flush=True)
     failed = []
     for number, state in enumerate(todo, 1):
@@ -125,33 +171,31 @@ def run_locally(study: Study, timings: Optional[dict] = None, python: str = sys.
     return failed
 
 
-def submit_to_slurm(study: Study, sbatch_flags: list[str], analysis_flags: Optional[list[str]] = None) -> tuple[str, str]:
-    """Submit the study's runs as one array job (``slurm/sweep.sh``: a task per config x seed) and its analysis
-    (``slurm/analyse.sbatch``) to start once every task has succeeded (``--dependency=afterok``); returns
-    the two job ids. A config whose every seed has finished is left out of the array; a finished run of a
-    config that is in it resumes at its end, so trains no further (its end-of-fit measurements run again)."""
-    if study.variants or study.own_seeds or study.grids:
-        from .spec import StudyError
-
-        raise StudyError(
-            f"{study.path}: experiments with their own overrides or seeds ({', '.join(sorted({*study.variants, *study.own_seeds}))}) "
-            f"do not fit one config x seed array yet. Run it here (python -m study run), or submit each variant with "
-            f"slurm/sweep.sh CONFIG.yaml --seeds=... <its overrides> and then python -m study analyse under sbatch.")
+def submit_to_slurm(study: Study, sbatch_flags: list[str], analysis_flags: Optional[list[str]] = None) -> tuple[list[str], str]:
+    """Submit the study's unfinished runs as one array job per stage (``stages``), each waiting for the one before
+    (``--dependency=afterok``), and its analysis (``slurm/analyse.sbatch``) after the last; returns the array job
+    ids and the analysis job's. Each task runs as ``slurm/train.sbatch`` runs one experiment (N nodes x G GPUs,
+    requeued on preemption); the stage's runs are listed by name in ``<report>/slurm/<time>-stage<k>.runs``, the
+    task's line is its run, and its arguments are read when it starts (a refit takes its grid's choice then)."""
     states = [run_state(r) for r in study.runs]
-    todo = [s.run for s in states if s.state != "finished"]
-    analysis = ["sbatch", "--parsable", *(analysis_flags or [])]
-    if todo:
-        seeds = sorted({r.seed for r in todo})
-        configs = sorted({str(r.config) for r in todo}, key=[str(c) for c in study.experiments.values()].index)
-        sweep = subprocess.run(
-            [str(REPO / "slurm" / "sweep.sh"), "--parsable", *sbatch_flags, f"--seeds={','.join(map(str, seeds))}",
-             *configs, *study.overrides],
-            check=True, capture_output=True, text=True, cwd=REPO,
-        )
-        array = sweep.stdout.strip().split(";")[0]
-        analysis.append(f"--dependency=afterok:{array}")
-    else:
-        array = ""
-    job = subprocess.run([*analysis, str(REPO / "slurm" / "analyse.sbatch"), str(study.path)],
-                         check=True, capture_output=True, text=True, cwd=REPO)
-    return array, job.stdout.strip().split(";")[0]
+    listing = study.report / "slurm"
+    listing.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    arrays: list[str] = []
+    for k, stage in enumerate(stages(study, states)):
+        todo = [s.run.name for s in stage if s.state != "finished"]
+        if not todo:
+            continue
+        runs = listing / f"{stamp}-stage{k}.runs"
+        runs.write_text("".join(f"{name}\n" for name in todo))
+        after = [f"--dependency=afterok:{arrays[-1]}"] if arrays else []
+        arrays.append(_sbatch([f"--array=0-{len(todo) - 1}", *after, *sbatch_flags, str(REPO / "slurm" / "train.sbatch"),
+                               f"--study={study.path.resolve()}", f"--runs={runs.resolve()}"]))
+    after = [f"--dependency=afterok:{arrays[-1]}"] if arrays else []
+    return arrays, _sbatch([*(analysis_flags or []), *after, str(REPO / "slurm" / "analyse.sbatch"), str(study.path.resolve())])
+
+
+def _sbatch(args: list[str]) -> str:
+    """``sbatch --parsable args`` from the repository root; the job id."""
+    job = subprocess.run(["sbatch", "--parsable", *args], check=True, capture_output=True, text=True, cwd=REPO)
+    return job.stdout.strip().split(";")[0]

@@ -1,6 +1,6 @@
 """The project's SLURM batch script on a real SLURM cluster started on this machine (tests/slurm_cluster.py):
-a 2-process DDP quickstart, preemption with requeue and resume, a rank that dies, a study as an array
-job with its analysis after it, and two nodes in network namespaces."""
+a 2-process DDP quickstart, preemption with requeue and resume, a rank that dies, a study as array jobs
+in stages with its analysis after them, and two nodes in network namespaces."""
 
 import os
 import signal
@@ -12,11 +12,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from study.spec import Study
+from study.sweep import grid_scores
+
 from .conftest import REPO
 from .helpers import scalars
 from .netns import netns_available, veth_namespaces
 from .slurm_cluster import LocalSlurm, slurm_available
 from .test_training import TINY
+from .test_transfer import transfer_study
 
 pytestmark = pytest.mark.skipif(slurm_available() is not None, reason=str(slurm_available()))
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
@@ -124,46 +128,51 @@ def test_a_rank_that_dies_fails_the_job_within_a_bounded_time(cluster, tmp_path,
     assert training_processes(run_dir) == []  # the other rank did not stay behind, blocked in a collective
 
 
-def test_a_study_is_one_array_job_of_config_x_seed_tasks_with_its_analysis_after(cluster, tmp_path, shapes_root):
-    """python -m study submit: slurm/sweep.sh --seeds runs each config once per seed into its own run, the
-    overrides reach all, and the analysis job (CKA on the Trainer under srun, then the report) starts after."""
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    configs = []
-    for objective in ["Softmax", "Sigmoid"]:
-        config = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
-        config["model"]["objective"] = objective
-        configs.append(tmp_path / f"{objective.lower()}.yaml")
-        configs[-1].write_text(yaml.safe_dump(config))
-    measured = "--trainer.callbacks=[{class_path: callbacks.RepresentationMeasurements, init_args: {layers: penultimate}}]"
-    study = tmp_path / "study.yaml"
-    study.write_text(yaml.safe_dump({
-        "experiments": [str(c) for c in configs], "seeds": [0, 1], "report": str(tmp_path / "report"),
-        "overrides": [f"--data.init_args.root={shapes_root}", f"--trainer.default_root_dir={run_dir}", "--trainer.max_epochs=1",
-                      *TINY, measured],
-        "cka": {"pairs": [["softmax/seed0", "softmax/seed1"]], "batch_size": 64}, "agreement": True}))
+@pytest.mark.timeout(900)  # three stages one after another, then the analysis: ~4 min on 2 cores
+def test_a_study_is_array_jobs_in_stages_with_its_analysis_after(cluster, tmp_path, shapes_root):
+    """python -m study submit: pre-training, then fine-tuning from it and a grid, then the grid's refit, each stage an
+    array job waiting for the one before; every run's own overrides and seeds reach it, the refit takes the point
+    its grid chose when it starts, and the analysis (CKA on the Trainer under srun, the report) comes last."""
+    root = tmp_path / "study"
+    root.mkdir()
+    spec = yaml.safe_load(transfer_study(root, shapes_root).read_text())
+    spec["experiments"][1]["seeds"] = [0]  # p_t: its grid's two points, then one refit
+    spec["experiments"][2]["seeds"] = [1]  # ri_t: from random initialisation, its own seed
+    spec["cka"] = {"pairs": [["ri_t/seed1", "p_t/seed0"]], "layer": None, "batch_size": 64}
+    spec["transfer"] = {}  # the fine-tuning section
+    study = root / "study.yaml"
+    study.write_text(yaml.safe_dump(spec))
     flags = ["--gpus-per-node=0", "--cpus-per-task=1", "--ntasks-per-node=1"]
     submitted = subprocess.run(
-        [sys.executable, "-m", "study", "submit", str(study), f"--sbatch=[{', '.join(flags)}, --output={run_dir}/slurm-%A_%a.out]",
-         f"--analysis_sbatch=[{', '.join(flags)}, --output={run_dir}/slurm-analysis-%j.out]"],
+        [sys.executable, "-m", "study", "submit", str(study), f"--sbatch=[{', '.join(flags)}, --output={root}/slurm-%A_%a.out]",
+         f"--analysis_sbatch=[{', '.join(flags)}, --output={root}/slurm-analysis-%j.out]"],
         cwd=REPO, env={**cluster.env, "PYTHON_CMD": sys.executable}, capture_output=True, text=True, timeout=120,
     )
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    array, analysis = (int(word) for word in submitted.stdout.replace(";", " ").split() if word.isdigit())
-    for task in range(4):
-        finished(cluster, f"{array}_{task}", run_dir)
-    finished(cluster, analysis, run_dir)
-    for objective in ["softmax", "sigmoid"]:
-        for seed in [0, 1]:
-            version = run_dir / objective / f"seed{seed}"  # each objective and seed names its own run
-            config = yaml.safe_load((version / "config.yaml").read_text())
-            assert config["model"]["objective"]["class_path"] == f"lightning_modules.{objective.capitalize()}"
-            assert config["seed_everything"] == seed
-            assert [step for step, _ in scalars(version)["val/acc1"]] == [15]  # 1024 images, batch 64: 16 steps
-    report = (tmp_path / "report" / "report.md").read_text()
-    assert "| Softmax | 2 |" in report and "| Sigmoid | 2 |" in report and "Missing" not in report
-    assert (tmp_path / "report" / "figure2_cka.png").is_file()
-    assert "Traceback" not in output(run_dir)
+    *arrays, analysis = (int(word) for word in submitted.stdout.replace(",", " ").replace(";", " ").split() if word.isdigit())
+    stages = [path.read_text().split() for path in sorted((root / "report" / "slurm").glob("*.runs"))]
+    assert stages == [["pretrain/seed0", "ri_t/seed1"], ["p_t_grid_lr0_wd0/seed0", "p_t_grid_lr1_wd0/seed0"], ["p_t/seed0"]]
+    assert len(arrays) == 3
+    for later, earlier in zip(arrays[1:] + [analysis], arrays):  # each waits for the stage before
+        assert f"afterok:{earlier}" in cluster.job(later).get("Dependency", ""), cluster.job(later)
+    for array, runs in zip(arrays, stages):
+        for task in range(len(runs)):
+            finished(cluster, f"{array}_{task}", root)
+    finished(cluster, analysis, root)
+    config = yaml.safe_load((root / "ri_t" / "softmax" / "seed1" / "config.yaml").read_text())
+    assert config["seed_everything"] == 1 and config["model"]["init_from"] is None
+    chosen = grid_scores(Study.load(study), "p_t")
+    best = next(p for p in chosen["points"] if p["point"] == chosen["chosen"])
+    refit = yaml.safe_load((root / "p_t" / "softmax" / "seed0" / "config.yaml").read_text())
+    assert refit["model"]["lr_per_256"] == best["lr_per_256"] and refit["data"]["init_args"].get("validation_split") is None
+    assert refit["model"]["init_from"].endswith("pre/softmax/seed0/checkpoints/last.ckpt")
+    report = root / "report"
+    text = (report / "report.md").read_text()
+    assert "### Fine-tuning: P-T" in text and "Hyper-parameters of p_t" in text and "ri_t/seed1 vs p_t/seed0" in text
+    assert (report / "figure2_cka.png").is_file()
+    assert "Traceback" not in output(root)
+
+
 @pytest.mark.skipif(netns_available() is not None, reason=str(netns_available()))
 def test_two_nodes_in_network_namespaces_train_one_ddp_job(tmp_path, shapes_root):
     run_dir = tmp_path / "run"

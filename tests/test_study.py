@@ -19,7 +19,7 @@ from measurements import gram
 from callbacks.run_config import objective_slug
 from study.compare import ComparisonError, Loaded, check_comparable
 from study.spec import Study, StudyError
-from study.sweep import run_locally, run_state
+from study.sweep import run_locally, run_state, stages
 
 from .conftest import REPO
 from .helpers import SignalAt
@@ -70,6 +70,29 @@ def test_a_study_names_its_problems_before_any_run_starts(tmp_path, shapes_root)
                               ("{pair: []}", "unknown transfer keys")):
         with pytest.raises(StudyError, match=message):
             Study.load(study_file(tmp_path, [good], extra=f"transfer: {transfer}\n"))
+
+
+def test_runs_come_in_stages_after_the_runs_they_start_from(tmp_path, monkeypatch):
+    """Fine-tuning after the pre-training run whose checkpoint it starts from, a refit after its grid: the order of
+    ``study run`` and the array jobs of ``study submit``. A start that nothing trains and no file holds is an error
+    before anything runs."""
+    monkeypatch.chdir(REPO)
+    study = Study.load("configs/studies/transfer.yaml")
+    ordered = [[s.run.name for s in stage] for stage in stages(study, [run_state(r) for r in study.runs])]
+    assert ordered[0] == ["pretrain/seed0", "ri_t/seed0", "ri_t/seed1", "ri_t_block1/seed0", "ri_t_block4/seed0",
+                          "ri_t_block8/seed0"]
+    assert ordered[1][:4] == [f"p_t_grid_lr{i}_wd{j}/seed0" for i in (0, 1) for j in (0, 1)]
+    assert {n.split("/")[0] for n in ordered[1][4:]} == {f"p_t_epoch{e}" for e in range(4)} | {f"p_t_block{b}" for b in (1, 4, 8)}
+    assert ordered[2] == ["p_t/seed0", "p_t/seed1"]
+    spec = yaml.safe_load(Path("configs/studies/transfer.yaml").read_text())
+    spec["experiments"] = spec["experiments"][2:3]  # ri_t alone, fine-tuning from a checkpoint nothing trains
+    del spec["transfer"]
+    spec["experiments"][0]["overrides"] = [f"--model.init_from={tmp_path / 'gone.ckpt'}", f"--trainer.default_root_dir={tmp_path}"]
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
+    alone = Study.load(tmp_path / "study.yaml")
+    with pytest.raises(StudyError, match=r"ri_t/seed0 starts from .*gone\.ckpt \(model.init_from\), which does not exist and "
+                                         r"which none of the study's runs trains"):
+        stages(alone, [run_state(r) for r in alone.runs])
 
 
 def _with_experiment(path: Path, entry: str) -> Path:
