@@ -30,9 +30,10 @@ class TransferStudyCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # `checkpoints:` in a config: last.ckpt always, plus the epochs later analyses need (callbacks/checkpoints.py).
         parser.add_lightning_class_args(RunCheckpoints, "checkpoints")
-        # What only the data knows sets the model: classes, and the global batch (peak lr, EMA decay).
+        # What only the data knows sets the model: classes, the global batch (peak lr, EMA decay), the accuracy measure.
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.global_batch_size", "model.global_batch_size", apply_on="instantiate")
+        parser.link_arguments("data.measure", "model.measure", apply_on="instantiate")  # Table A.2's, for fine-tuning
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -12,7 +12,6 @@ linear_l2,knn_k}``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,14 +19,13 @@ from typing import Optional
 import lightning as L
 import torch
 
+from datamodules.beton import recorded_measure
 from measurements import knn_probe, linear_probe
+from measurements.accuracy import check_measure
 
 from .measurement import MeasurementCallback, forward_pass, gather_rows
 
 __all__ = ["TransferProbes", "TransferData"]
-
-MEASURES = ("top1", "mean_per_class")
-
 
 @dataclass
 class TransferData:
@@ -47,19 +45,14 @@ class TransferData:
     measure: Optional[str] = None
 
     def score_measure(self) -> str:
-        sidecar = Path(f"{self.train}.json")
-        measure = self.measure
-        if measure is None and sidecar.is_file():
-            measure = json.loads(sidecar.read_text()).get("measure")
+        measure = self.measure or recorded_measure(self.train)
         if measure is None:
             raise ValueError(
-                f"No accuracy measure is known for the transfer data {self.train}: it has no sidecar {sidecar.name} "
+                f"No accuracy measure is known for the transfer data {self.train}: it has no sidecar {Path(self.train).name}.json "
                 f"naming one (python -m datamodules.convert writes it). Name it: measure: top1 (CIFAR, Food-101, "
                 f"Cars, DTD, SUN397, Birdsnap) or measure: mean_per_class (Pets, Flowers, Caltech-101, Aircraft)."
             )
-        if measure not in MEASURES:
-            raise ValueError(f"measure must be one of {MEASURES} for {self.train}, got {measure!r}.")
-        return measure
+        return check_measure(measure)
 
 
 class TransferProbes(MeasurementCallback):

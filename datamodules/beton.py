@@ -178,6 +178,12 @@ def beton_info(path: str | os.PathLike) -> dict:
     return json.loads(sidecar.read_text())
 
 
+def recorded_measure(path: str | os.PathLike) -> Optional[str]:
+    """The accuracy measure a .beton's sidecar records (top1 or mean_per_class), None without a sidecar."""
+    sidecar = Path(f"{path}.json")
+    return json.loads(sidecar.read_text()).get("measure") if sidecar.is_file() else None
+
+
 def beton_labels(path: str | os.PathLike, hint: str = "") -> np.ndarray:
     """The label of every sample in a .beton, read from its metadata table (no image is decoded).
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from compat import install_ffcv_order, set_ffcv_epoch
 
-from .beton import BetonError, beton_labels
+from .beton import BetonError, beton_labels, recorded_measure
 from .image_data import EpochAlignedLoader, ImageClassificationData
 
 __all__ = ["FFCVImageDataModule"]
@@ -60,6 +60,9 @@ class FFCVImageDataModule(ImageClassificationData):
 
     def _path(self, source: str) -> str:
         return {"train": self.train_path, "val": self.val_path}.get(source, source)
+
+    def recorded_measure(self) -> Optional[str]:
+        return recorded_measure(self.val_path) or recorded_measure(self.train_path)
 
     def source_labels(self, source: str) -> np.ndarray:
         return beton_labels(self._path(source), self.make_hint)

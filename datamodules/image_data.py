@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Literal, Optional
 
 import lightning as L
 import numpy as np
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from compat import batches_done_this_epoch
+from measurements.accuracy import check_measure
 
 from .distributed import cpus_per_process, epoch_shard
 from .sources import DataError
@@ -122,6 +123,9 @@ class ImageClassificationData(L.LightningDataModule):
         block_shuffle: cut every image into square blocks of this many pixels and permute them with one
             permutation, the same for every image, train and test alike, drawn from the run's seed
             (Neyshabur et al. 2020, section 3.1); a divisor of ``image_size``. None: images as they are.
+        measure: the task's accuracy measure (Table A.2): "top1", or "mean_per_class" (Pets, Flowers); by
+            default the one its files record (the sidecar ``datamodules.convert`` writes), None if they record
+            none. Validation reports it (``ObjectiveClassifier``); a fine-tuning target must have one.
     """
 
     def __init__(
@@ -141,6 +145,7 @@ class ImageClassificationData(L.LightningDataModule):
         holdout_path: Optional[str] = None,
         validation_split: Optional[float] = None,
         block_shuffle: Optional[int] = None,
+        measure: Optional[Literal["top1", "mean_per_class"]] = None,
     ):
         super().__init__()
         if global_batch_size < 1:
@@ -171,6 +176,7 @@ class ImageClassificationData(L.LightningDataModule):
         self.holdout_path = holdout_path
         self.validation_split = validation_split
         self.block_shuffle = block_shuffle
+        self._measure = None if measure is None else check_measure(measure)
         self._held_out: Optional[tuple[np.ndarray, np.ndarray]] = None
         self._permutations: dict[tuple[int, torch.device], Tensor] = {}  # drawn once per size and device, not per batch
         self._mean = torch.tensor(mean).view(1, 3, 1, 1)
@@ -182,6 +188,10 @@ class ImageClassificationData(L.LightningDataModule):
         """Every label of the file or folder ``source`` ("train", "val", or another data set in this module's
         format, by path), without decoding images."""
         raise NotImplementedError
+
+    def recorded_measure(self) -> Optional[str]:
+        """The accuracy measure the task's files record, None when they record none."""
+        return None
 
     def transfer_paths(self) -> dict[str, tuple[str, str]]:
         """Downstream tasks that come with this data, ``{name: (train, test)}`` in this module's format
@@ -217,6 +227,11 @@ class ImageClassificationData(L.LightningDataModule):
             kept, held = stratified_split(torch.from_numpy(self.source_labels("train")).long(), self.validation_split)
             self._held_out = (kept.numpy(), held.numpy())
         return "train", self._held_out[0 if source == "train" else 1]
+
+    @property
+    def measure(self) -> Optional[str]:
+        """The task's accuracy measure: the one given, else the one its files record (None: neither)."""
+        return self._measure or self.recorded_measure()
 
     @property
     def num_classes(self) -> int:

@@ -266,6 +266,9 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
         self.data_seed = data_seed
         self.task = task
 
+    def recorded_measure(self) -> str:
+        return "top1"  # both tasks: balanced classes, drawn here (known before the files are)
+
     def transfer_paths(self) -> dict[str, tuple[str, str]]:
         if self.task == "texture":  # the texture task is this module's own
             return {}

@@ -21,15 +21,23 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from compat import training_batches_per_epoch
+from measurements.accuracy import MeasuredAccuracy, check_measure
 
 from .backbones import build_backbone, residual_blocks
 from .objectives import Objective, make_objective
 
-__all__ = ["Network", "ObjectiveClassifier", "PretrainingError", "ema_decay_at", "warmup_cosine", "warmup_exponential_decay"]
+__all__ = ["Network", "ObjectiveClassifier", "PretrainingError", "accuracy_tag", "ema_decay_at", "warmup_cosine",
+           "warmup_exponential_decay"]
 
 
 class PretrainingError(ValueError):
-    """A pre-training checkpoint that cannot start a fine-tuning run, said before it trains."""
+    """A pre-training checkpoint or a target that cannot start a fine-tuning run, said before it trains."""
+
+
+def accuracy_tag(measure: Optional[str], stage: str = "val") -> str:
+    """The logged accuracy in a task's measure: ``<stage>/acc1`` (top-1, also when no measure is known) or
+    ``<stage>/acc_mean_per_class``."""
+    return f"{stage}/acc_mean_per_class" if measure == "mean_per_class" else f"{stage}/acc1"
 
 
 class Network(nn.Module):
@@ -128,6 +136,9 @@ class ObjectiveClassifier(L.LightningModule):
             EMA when it had one) this run starts from, with a new head for this task's ``num_classes``; the
             backbone must be the same. None trains from random initialisation (RI-T). Loaded when fit
             starts, before a resumed run restores its own weights over it.
+        measure: the task's accuracy measure (linked from the data module: Table A.2's, as its files record it):
+            "mean_per_class" adds ``val/acc_mean_per_class`` to ``val/acc1`` (Pets, Flowers). A fine-tuning run
+            (``init_from``, or the cosine schedule of appendix A.3) needs one: it is scored in it.
 
     On a GPU the network is kept in channels_last, the layout cuDNN's convolutions are fastest in under
     bf16 (the batches arrive in it from the data module); on the CPU nothing changes.
@@ -153,6 +164,7 @@ class ObjectiveClassifier(L.LightningModule):
         compile: bool = False,
         lr_schedule: Literal["warmup_exponential", "cosine"] = "warmup_exponential",
         init_from: Optional[str] = None,
+        measure: Optional[Literal["top1", "mean_per_class"]] = None,
     ):
         super().__init__()
         if num_classes < 2:
@@ -168,6 +180,8 @@ class ObjectiveClassifier(L.LightningModule):
         if init_from is not None and not Path(init_from).is_file():
             raise PretrainingError(f"model.init_from: no checkpoint {init_from}; name a pre-training run's "
                                    f"checkpoints/last.ckpt or epochNNN.ckpt, or null to train from random initialisation.")
+        if measure is not None:
+            check_measure(measure)
         self.save_hyperparameters(ignore=["objective"])
         self.objective = make_objective(objective)
         self.hparams["objective"] = self.objective.config()  # which objective and variant a run used
@@ -189,6 +203,7 @@ class ObjectiveClassifier(L.LightningModule):
         self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.val_mean_per_class = MeasuredAccuracy(num_classes, "mean_per_class") if measure == "mean_per_class" else None
         # Sums over every evaluated image, reduced across ranks by summation: exact when ranks hold
         # different numbers of images (Lightning's own epoch mean would average the per-rank means).
         self.val_loss = MeanMetric()
@@ -276,6 +291,9 @@ class ObjectiveClassifier(L.LightningModule):
         self.val_acc5(logits, target)
         self.log(f"{stage}/acc1", self.val_acc1, prog_bar=True, batch_size=batch_size)
         self.log(f"{stage}/acc5", self.val_acc5, batch_size=batch_size)
+        if self.val_mean_per_class is not None:
+            self.val_mean_per_class(logits, target)
+            self.log(accuracy_tag("mean_per_class", stage), self.val_mean_per_class, batch_size=batch_size)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -332,7 +350,20 @@ class ObjectiveClassifier(L.LightningModule):
 
     # --- fine-tuning from a pre-training checkpoint (P-T) ---
 
+    @property
+    def fine_tunes(self) -> bool:
+        """Trains on a transfer target: from a pre-training checkpoint (P-T), or with appendix A.3's cosine
+        schedule (RI-T: the same recipe from random initialisation)."""
+        return self.hparams.init_from is not None or self.hparams.lr_schedule == "cosine"
+
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.fine_tunes and self.hparams.measure is None:
+            data = self.trainer.datamodule if self._trainer is not None else None
+            where = next((f" {getattr(data, a)}" for a in ("val_path", "val_root") if hasattr(data, a)), "")
+            raise PretrainingError(
+                f"No accuracy measure is known for the fine-tuning target{where}: its files record none (a .beton "
+                f"sidecar from python -m datamodules.convert does). Name it: --data.init_args.measure=top1 (CIFAR, "
+                f"Food-101, Cars, SUN397, Birdsnap) or mean_per_class (Pets, Flowers).")
         # Here, not in __init__: a resumed fine-tuning run restores its own weights after this hook, and
         # load_from_checkpoint (which does not call it) needs no pre-training file.
         if stage == "fit" and self.hparams.init_from is not None:

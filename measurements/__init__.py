@@ -8,7 +8,8 @@ from .class_separation import ClassSeparation, class_separation, class_separatio
 from .relu_sparsity import NonzeroFraction, relu_nonzero_fraction
 from .neural_collapse import NeuralCollapseStats, neural_collapse_statistics
 from .calibration import calibration_statistics, expected_calibration_error, fit_temperature, negative_log_likelihood, probabilities
-from .probes import KnnProbeResult, LinearProbeResult, knn_probe, linear_probe, score
+from .accuracy import MEASURES, MeasuredAccuracy, score
+from .probes import KnnProbeResult, LinearProbeResult, knn_probe, linear_probe
 from .cka import MinibatchCKA, feature_space_cka, gram, linear_cka, unbiased_hsic
 from .agreement import PredictionAgreement, prediction_agreement
 
@@ -17,7 +18,8 @@ __all__ = [
     "relu_nonzero_fraction", "NonzeroFraction",
     "NeuralCollapseStats", "neural_collapse_statistics",
     "calibration_statistics", "expected_calibration_error", "fit_temperature", "negative_log_likelihood", "probabilities",
-    "linear_probe", "knn_probe", "score", "LinearProbeResult", "KnnProbeResult",
+    "MEASURES", "MeasuredAccuracy", "score",
+    "linear_probe", "knn_probe", "LinearProbeResult", "KnnProbeResult",
     "gram", "unbiased_hsic", "linear_cka", "feature_space_cka", "MinibatchCKA",
     "prediction_agreement", "PredictionAgreement",
 ]

@@ -2,8 +2,8 @@
 (L2-regularised multinomial logistic regression) and a k-nearest-neighbour probe.
 
 Both take feature tensors (N × D, on any device) with integer labels and return the test score in the
-data set's measure (``MEASURES``): ``"top1"`` accuracy, or ``"mean_per_class"`` accuracy (the mean over
-the classes present of each class's recall) for the sets whose authors ask for it (Pets, Flowers).
+data set's measure (``measurements/accuracy.py``): ``"top1"`` accuracy, or ``"mean_per_class"`` accuracy (the
+mean over the classes present of each class's recall) for the sets whose authors ask for it (Pets, Flowers).
 Scores are fractions in [0, 1].
 
 **Linear probe** (appendix A.2). Weights W (D × C) and bias b minimise, over the N training examples,
@@ -42,13 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .accuracy import MEASURES, check_measure, score
+
 __all__ = [
-    "MEASURES",
     "DEFAULT_STRENGTHS",
     "DEFAULT_KS",
     "LinearProbeResult",
     "KnnProbeResult",
-    "score",
     "stratified_split",
     "fit_logistic_regression",
     "linear_probe",
@@ -58,7 +58,6 @@ __all__ = [
     "knn_probe",
 ]
 
-MEASURES = ("top1", "mean_per_class")
 # Appendix A.2: 45 log-spaced L2 strengths between 1e-6 and 1e5, i.e. 10^(-6 + i/4).
 DEFAULT_STRENGTHS = tuple(10.0 ** (-6 + i / 4) for i in range(45))
 DEFAULT_KS = (1, 3, 5, 10, 20, 50, 100, 200)
@@ -110,34 +109,13 @@ def _check_labelled(x: Tensor, y: Tensor, num_classes: int, what: str) -> None:
 
 
 def _check_probe_inputs(train_x, train_y, test_x, test_y, num_classes, measure) -> int:
-    if measure not in MEASURES:
-        raise ValueError(f"unknown measure {measure!r}; expected one of {MEASURES}.")
+    check_measure(measure)
     num_classes = _num_classes(num_classes, train_y, test_y)
     _check_labelled(train_x, train_y, num_classes, "train")
     _check_labelled(test_x, test_y, num_classes, "test")
     if train_x.shape[1] != test_x.shape[1]:
         raise ValueError(f"train features have {train_x.shape[1]} dimensions but test features {test_x.shape[1]}.")
     return num_classes
-
-
-def score(logits_or_predictions: Tensor, labels: Tensor, measure: str = "top1") -> float:
-    """The data set's measure of predictions (N) or logits/scores (N × C, predicted class = argmax).
-
-    ``"top1"``: fraction correct. ``"mean_per_class"``: Σ_c recall_c / (number of classes present in
-    ``labels``), recall_c = correct in class c / examples of class c; classes absent from ``labels``
-    do not count.
-    """
-    if measure not in MEASURES:
-        raise ValueError(f"unknown measure {measure!r}; expected one of {MEASURES}.")
-    predictions = logits_or_predictions.argmax(1) if logits_or_predictions.ndim == 2 else logits_or_predictions
-    if predictions.shape != labels.shape or labels.ndim != 1 or labels.numel() == 0:
-        raise ValueError(f"score: {tuple(predictions.shape)} predictions for {tuple(labels.shape)} labels.")
-    correct = (predictions == labels).double()
-    if measure == "top1":
-        return float(correct.mean())
-    per_class = torch.bincount(labels, weights=correct)
-    present = torch.bincount(labels)
-    return float((per_class[present > 0] / present[present > 0]).mean())
 
 
 def stratified_split(labels: Tensor, fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -404,8 +382,7 @@ def knn_leave_one_out(
 ) -> dict[int, float]:
     """Leave-one-out score (``measure``) on (x, y) of the cosine kNN vote for each k in ``ks``, capped at
     N − 1: each example is classified by the others."""
-    if measure not in MEASURES:
-        raise ValueError(f"unknown measure {measure!r}; expected one of {MEASURES}.")
+    check_measure(measure)
     num_classes = _num_classes(num_classes, y)
     _check_labelled(x, y, num_classes, "kNN leave-one-out")
     if len(x) < 2:

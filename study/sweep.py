@@ -95,18 +95,24 @@ def stages(study: Study, states: list[RunState]) -> list[list[RunState]]:
 
 
 def grid_scores(study: Study, experiment: str) -> dict:
-    """The grid of ``experiment`` (appendix A.3): each point's last validation top-1 on the held-out training
-    images (None while it has not finished), and the point chosen: the best score, the first on a tie."""
-    from .transfer import scalar_curves
+    """The grid of ``experiment`` (appendix A.3): each point's last validation accuracy, in the target's measure, on
+    the held-out training images (None while it has not finished), and the point chosen: the best score, the first
+    on a tie."""
+    from lightning_modules.classifier import accuracy_tag
+
+    from .transfer import run_measure, scalar_curves
 
     grid, points = study.grids[experiment], []
     for name, lr, decay in grid.points:
         run = next(r for r in study.runs if r.experiment == name)
         state = run_state(run)
-        curve = scalar_curves(state.folder, ["val/acc1"]).get("val/acc1") if state.state == "finished" else None
-        points.append({"point": name, "lr_per_256": lr, "weight_decay": decay, "held_out_acc1": curve[-1][1] if curve else None})
-    scored = [p for p in points if p["held_out_acc1"] is not None]
-    chosen = max(scored, key=lambda p: p["held_out_acc1"])["point"] if len(scored) == len(points) else None
+        curve = None
+        if state.state == "finished":
+            tag = accuracy_tag(run_measure(state.folder))
+            curve = scalar_curves(state.folder, [tag]).get(tag)
+        points.append({"point": name, "lr_per_256": lr, "weight_decay": decay, "held_out_accuracy": curve[-1][1] if curve else None})
+    scored = [p for p in points if p["held_out_accuracy"] is not None]
+    chosen = max(scored, key=lambda p: p["held_out_accuracy"])["point"] if len(scored) == len(points) else None
     return {"points": points, "chosen": chosen, "validation_split": grid.validation_split}
 
 
@@ -116,7 +122,7 @@ def selected(study: Study, run: Run) -> Run:
         return run
     scores = grid_scores(study, run.experiment)
     if scores["chosen"] is None:
-        unfinished = [p["point"] for p in scores["points"] if p["held_out_acc1"] is None]
+        unfinished = [p["point"] for p in scores["points"] if p["held_out_accuracy"] is None]
         raise GridUnfinished(f"{run.name}: its grid has unfinished runs ({', '.join(unfinished)}); the grid runs first "
                              f"(python -m study run, or submit, orders them so), then its refit.")
     point = next(p for p in scores["points"] if p["point"] == scores["chosen"])

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lightning_modules.classifier import accuracy_tag
 from measurements.weight_space import interpolate, loss_barrier, module_criticality, parameter_distance, perturb, sigma_scale
 
 from .compare import (ComparisonError, FixedImages, Loaded, check_comparable, data_module_of, load_network, pass_trainer,
@@ -279,7 +280,7 @@ def criticality(final: str, initial: str, alphas: Sequence[float], sigmas: Seque
 def finetuning_record(name: str, experiment: str, seed: int, folder: Path) -> dict:
     """What the report needs of one run: its kind (P-T: ``model.init_from`` set; RI-T: a cosine-schedule run from
     random initialisation; else pre-training), the pre-training epoch it started from, its block size, and its
-    test (validation) loss and accuracy along its steps, from its TensorBoard events."""
+    test (validation) loss and accuracy, in the target's measure, along its steps, from its TensorBoard events."""
     import yaml
 
     from callbacks.checkpoints import finished
@@ -299,11 +300,20 @@ def finetuning_record(name: str, experiment: str, seed: int, folder: Path) -> di
         else:
             done = finished(source.parent.parent)
             epoch = done["epochs"] if done else None
-    curve = scalar_curves(folder, ("val/acc1", "val/loss"))
+    measure = run_measure(folder)
+    curves = scalar_curves(folder, (accuracy_tag(measure), "val/loss"))
+    curve = {"accuracy": curves.get(accuracy_tag(measure), []), "loss": curves.get("val/loss", [])}
     target = data.get("task") or Path(str(data.get("train_path") or data.get("train_root") or "target")).stem
     return {"run": name, "experiment": experiment, "seed": seed, "kind": kind, "pretraining_epoch": epoch,
-            "pretraining_objective": objective, "target": target, "block_shuffle": data.get("block_shuffle"),
-            "validation_split": data.get("validation_split"), "curve": curve}
+            "pretraining_objective": objective, "target": target, "measure": measure or "top1",
+            "block_shuffle": data.get("block_shuffle"), "validation_split": data.get("validation_split"), "curve": curve}
+
+
+def run_measure(folder: Path) -> Optional[str]:
+    """The accuracy measure a finished run was validated in (its checkpoint's ``measure``, linked from its data)."""
+    checkpoint = folder / "checkpoints" / "last.ckpt"
+    # mmap: the hyper-parameters without reading the weights
+    return torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {}).get("measure")
 
 
 def scalar_curves(folder: Path, tags: Sequence[str]) -> dict[str, list[tuple[int, float]]]:

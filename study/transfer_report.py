@@ -31,7 +31,7 @@ def steps_to_reach(curve: list[tuple[int, float]], fraction: float = FRACTION) -
 def _groups(runs: list[dict]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for run in runs:
-        if run["kind"] != "pre-training" and not run.get("validation_split") and run["curve"].get("val/acc1"):
+        if run["kind"] != "pre-training" and not run.get("validation_split") and run["curve"]["accuracy"]:
             groups.setdefault(run["experiment"], []).append(run)
     return groups
 
@@ -52,9 +52,9 @@ def _cell(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
 
 
 def _summary(group: list[dict]) -> dict:
-    return {"acc": [r["curve"]["val/acc1"][-1][1] for r in group],
-            "loss": [r["curve"]["val/loss"][-1][1] for r in group if r["curve"].get("val/loss")],
-            "speed": [steps_to_reach(r["curve"]["val/acc1"]) for r in group]}
+    return {"acc": [r["curve"]["accuracy"][-1][1] for r in group],
+            "loss": [r["curve"]["loss"][-1][1] for r in group if r["curve"]["loss"]],
+            "speed": [steps_to_reach(r["curve"]["accuracy"]) for r in group]}
 
 
 def transfer_section(transfer: dict, out: Path) -> tuple[list[str], list[Path]]:
@@ -64,9 +64,9 @@ def transfer_section(transfer: dict, out: Path) -> tuple[list[str], list[Path]]:
     if transfer.get("missing"):
         lines += [f"Runs not finished, in no number below: {', '.join(transfer['missing'])}.", ""]
     lines += ["### Fine-tuning: P-T (from the pre-trained network) and RI-T (from random initialisation)", "",
-              f"Test accuracy and loss at the end of fine-tuning, mean ± s.e. over seeds; speed: the first step at which "
-              f"test accuracy reaches {FRACTION:.0%} of the run's final.", "",
-              "| experiment | kind | pre-training epoch | block size | seeds | test top-1 (%) | test loss | steps to "
+              f"Test accuracy ({measures(transfer['runs'])}) and loss at the end of fine-tuning, mean ± s.e. over seeds; "
+              f"speed: the first step at which test accuracy reaches {FRACTION:.0%} of the run's final.", "",
+              "| experiment | kind | pre-training epoch | block size | seeds | test accuracy (%) | test loss | steps to "
               f"{FRACTION:.0%} | ‖θ − θ_start‖₂ |", "|---|---|---|---|---|---|---|---|---|"]
     summaries = {}
     for name, group in groups.items():
@@ -94,17 +94,25 @@ def transfer_section(transfer: dict, out: Path) -> tuple[list[str], list[Path]]:
     return lines, [f for f in figures if f is not None]
 
 
+def measures(runs: list[dict]) -> str:
+    """The accuracy measures of ``runs``' targets in words (Table A.2)."""
+    words = {"top1": "top-1", "mean_per_class": "mean per-class accuracy"}
+    found = {words[r["measure"]] + ("" if r["measure"] == "top1" else f" on {r['target']}") for r in runs
+             if r["kind"] != "pre-training"}
+    return "; ".join(sorted(found)) or "top-1"
+
+
 def grid_lines(name: str, grid: dict) -> list[str]:
-    """Appendix A.3's choice for one experiment: held-out top-1 at every (lr, weight decay) point, the chosen in bold."""
+    """Appendix A.3's choice for one experiment: held-out accuracy at every (lr, weight decay) point, the chosen in bold."""
     lrs = list(dict.fromkeys(p["lr_per_256"] for p in grid["points"]))
     by_lr = {lr: [p for p in grid["points"] if p["lr_per_256"] == lr] for lr in lrs}
     decays = [f"lr x wd = {p['weight_decay'] * p['lr_per_256']:.3g}" if p["weight_decay"] else "no decay" for p in by_lr[lrs[0]]]
-    lines = [f"Hyper-parameters of {name} (appendix A.3): top-1 (%) on the {grid['validation_split']:.0%} of the training "
+    lines = [f"Hyper-parameters of {name} (appendix A.3): accuracy (%) on the {grid['validation_split']:.0%} of the training "
              f"images held out, one seed; **bold**: chosen, then refit on all of them and tested above"
              f"{'' if grid['chosen'] else ' (not yet: the grid has unfinished runs)'}.", "",
              "| lr_per_256 | " + " | ".join(decays) + " |", "|---|" + "---|" * len(decays)]
     for lr, points in by_lr.items():
-        cells = ["–" if p["held_out_acc1"] is None else f"{100 * p['held_out_acc1']:.1f}" for p in points]
+        cells = ["–" if p["held_out_accuracy"] is None else f"{100 * p['held_out_accuracy']:.1f}" for p in points]
         cells = [f"**{c}**" if p["point"] == grid["chosen"] else c for c, p in zip(cells, points)]
         lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
     return lines + [""]
@@ -116,7 +124,7 @@ def table_two(runs: list[dict]) -> list[str]:
     column by the objective's main effect in a two-way ANOVA against the best objective. Shown when P-T runs
     start from at least two objectives; un-shuffled runs from each pre-training run's last checkpoint only."""
     final = [r for r in runs if r["kind"] == "P-T" and not r["block_shuffle"] and not r.get("validation_split")
-             and r["curve"].get("val/acc1")]
+             and r["curve"]["accuracy"]]
     last = {}
     for r in final:  # the last pre-training epoch among the runs of one objective
         last[r["pretraining_objective"]] = max(last.get(r["pretraining_objective"], -1), r["pretraining_epoch"] or 0)
@@ -125,15 +133,15 @@ def table_two(runs: list[dict]) -> list[str]:
     targets = list(dict.fromkeys(r["target"] for r in final))
     if len(objectives) < 2:
         return []
-    acc = {(o, t): [100 * r["curve"]["val/acc1"][-1][1] for r in final if (r["pretraining_objective"], r["target"]) == (o, t)]
+    acc = {(o, t): [100 * r["curve"]["accuracy"][-1][1] for r in final if (r["pretraining_objective"], r["target"]) == (o, t)]
            for o in objectives for t in targets}
     columns = {t: column({o: Cell(acc[o, t]) for o in objectives if acc[o, t]}) for t in targets}
     means = {o: Cell([float(np.mean([np.mean(acc[o, t]) for t in targets if acc[o, t]]))]) for o in objectives}
     best = max(means, key=lambda o: means[o].mean)
     rows = lambda o: [(o, t, v) for t in targets for v in acc[o, t]]  # noqa: E731
     average = len(targets) > 1  # an average column only over more than one data set, as in Table 1
-    lines = ["### Table 2: fine-tuned test top-1 (%) by pre-training objective", "",
-             f"Mean ± s.e. over runs; **bold**: the best and those not significantly worse (p ≥ {ALPHA}; per data set a "
+    lines = ["### Table 2: fine-tuned test accuracy (%) by pre-training objective", "",
+             f"In each target's measure ({measures(final)}). Mean ± s.e. over runs; **bold**: the best and those not significantly worse (p ≥ {ALPHA}; per data set a "
              "two-sided Welch's t-test, the average by the objective's main effect in a two-way ANOVA, objective x data set, "
              "against the best).", "", "| objective | " + " | ".join(targets) + (" | Avg |" if average else " |"),
              "|---|" + "---|" * (len(targets) + average)]
@@ -199,7 +207,7 @@ def findings(groups: dict, summaries: dict, transfer: dict) -> list[str]:
         better = np.mean(pt["acc"]) > np.mean(rit["acc"])
         faster = np.mean([s for s in pt["speed"] if s is not None]) < np.mean([s for s in rit["speed"] if s is not None])
         lines.append(f"- P-T trains {'better' if better else 'no better'} than RI-T ({100 * np.mean(pt['acc']):.1f} % vs "
-                     f"{100 * np.mean(rit['acc']):.1f} % test top-1) and {'faster' if faster else 'not faster'} "
+                     f"{100 * np.mean(rit['acc']):.1f} % test accuracy) and {'faster' if faster else 'not faster'} "
                      f"({np.mean([s for s in pt['speed'] if s is not None]):.0f} vs "
                      f"{np.mean([s for s in rit['speed'] if s is not None]):.0f} steps to {FRACTION:.0%} of final).")
     for b in transfer["barriers"]:
@@ -229,13 +237,13 @@ def figure_learning_curves(groups: dict, path: Path) -> Optional[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, group in plain.items():
         for r, run in enumerate(group):
-            for ax, tag in zip(axes, ("val/acc1", "val/loss")):
+            for ax, tag in zip(axes, ("accuracy", "loss")):
                 curve = run["curve"].get(tag, [])
                 if curve:
                     style = "-" if group[0]["kind"] == "P-T" else "--"
                     ax.plot([s for s, _ in curve], [v for _, v in curve], style, alpha=0.8,
                             label=f"{name} ({group[0]['kind']})" if r == 0 else None, color=f"C{list(plain).index(name)}")
-    axes[0].set(xlabel="fine-tuning step", ylabel="test top-1", title="P-T (solid) and RI-T (dashed)")
+    axes[0].set(xlabel="fine-tuning step", ylabel="test accuracy", title="P-T (solid) and RI-T (dashed)")
     axes[1].set(xlabel="fine-tuning step", ylabel="test loss")
     axes[0].legend(fontsize=7)
     return save_figure(fig, path)
@@ -264,7 +272,7 @@ def figure_block_shuffle(groups: dict, summaries: dict, path: Path) -> Optional[
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("block size (px; 32 = not shuffled)")
-    axes[0].set(ylabel="final test top-1", title="block-shuffled target")
+    axes[0].set(ylabel="final test accuracy", title="block-shuffled target")
     axes[1].set(ylabel=f"steps to {FRACTION:.0%} of final accuracy")
     axes[0].legend()
     return save_figure(fig, path)
@@ -280,7 +288,7 @@ def figure_checkpoint_choice(groups: dict, summaries: dict, path: Path) -> Optio
     x = [e for e, _ in epochs]
     means = [_mean_se(summaries[n]["acc"]) for _, n in epochs]
     ax.errorbar(x, [m for m, _ in means], yerr=[0 if math.isnan(s) else s for _, s in means], fmt="o-", capsize=3)
-    ax.set(xlabel="pre-training epoch of the checkpoint", ylabel="fine-tuned test top-1", title="Which checkpoint transfers best")
+    ax.set(xlabel="pre-training epoch of the checkpoint", ylabel="fine-tuned test accuracy", title="Which checkpoint transfers best")
     return save_figure(fig, path)
 
 

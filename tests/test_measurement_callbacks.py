@@ -215,7 +215,7 @@ def test_a_transfer_set_without_a_known_measure_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"No accuracy measure .* measure: mean_per_class \(Pets"):
         TransferData(str(beton), str(beton)).score_measure()
     assert TransferData(str(beton), str(beton), measure="mean_per_class").score_measure() == "mean_per_class"
-    with pytest.raises(ValueError, match="measure must be one of"):
+    with pytest.raises(ValueError, match="unknown measure 'top5'"):
         TransferData(str(beton), str(beton), measure="top5").score_measure()
 
 

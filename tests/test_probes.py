@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
@@ -15,9 +16,27 @@ from measurements.probes import (
     knn_predict,
     knn_probe,
     linear_probe,
-    score,
     stratified_split,
 )
+from measurements.accuracy import MeasuredAccuracy, score
+
+
+def test_accumulated_accuracy_in_either_measure_equals_scikit_learn_over_uneven_batches():
+    """Validation's streaming measure (per-class sums over batches) against scikit-learn on the whole set:
+    accuracy_score for top1, balanced_accuracy_score (mean recall over the classes present) for mean_per_class.
+    Class 4 is never a label but is predicted, and the classes are unbalanced, so the two measures differ."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.cat([torch.zeros(60, dtype=torch.long), torch.randint(1, 4, (40,), generator=generator)])
+    logits = torch.randn(100, 5, generator=generator) + 1.5 * F.one_hot(labels, 5)
+    for measure, reference in (("top1", accuracy_score), ("mean_per_class", balanced_accuracy_score)):
+        metric = MeasuredAccuracy(5, measure)
+        for start, end in ((0, 7), (7, 50), (50, 100)):
+            metric.update(logits[start:end], labels[start:end])
+        expected = reference(labels.numpy(), logits.argmax(1).numpy())
+        assert float(metric.compute()) == pytest.approx(expected, abs=1e-12) == score(logits, labels, measure)
+    assert score(logits, labels, "top1") != pytest.approx(score(logits, labels, "mean_per_class"), abs=1e-3)
 
 
 def blobs(n, dim=32, classes=5, spread=4.0, offset=1.0, seed=0, dtype=torch.float32):

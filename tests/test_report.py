@@ -140,7 +140,7 @@ def test_table_two_bolds_by_t_test_per_data_set_and_anova_for_the_average():
 
     def run(objective, target, acc):
         return {"kind": "P-T", "block_shuffle": None, "pretraining_epoch": 5, "pretraining_objective": objective,
-                "target": target, "curve": {"val/acc1": [(10, acc / 2), (20, acc)]}}
+                "target": target, "measure": "top1", "curve": {"accuracy": [(10, acc / 2), (20, acc)], "loss": []}}
 
     runs = [run("Softmax", t, v) for t, vs in (("a", (0.80, 0.81, 0.79)), ("b", (0.60, 0.61, 0.59))) for v in vs]
     runs += [run("SquaredError", t, v) for t, vs in (("a", (0.70, 0.71, 0.69)), ("b", (0.60, 0.62, 0.58))) for v in vs]

@@ -135,7 +135,7 @@ def test_criticality_of_a_fine_tuned_network_against_its_start(fine_tuned):
 def test_a_pretraining_checkpoint_of_another_architecture_is_refused_naming_both(fine_tuned):
     pretrained, _ = fine_tuned
     module = ObjectiveClassifier(num_classes=6, global_batch_size=32, backbone="resnet10t", backbone_source="timm",
-                                 init_from=str(pretrained))
+                                 init_from=str(pretrained), measure="top1")
     with pytest.raises(PretrainingError, match=r"holds a test_resnet from timm, this run builds a resnet10t from timm"):
         module.setup("fit")
     with pytest.raises(PretrainingError, match="no checkpoint"):
@@ -166,7 +166,7 @@ def test_the_grid_validates_on_held_out_training_images_and_the_refit_takes_its_
     study = Study.load(folders["study"])
     scores = grid_scores(study, "p_t")
     assert [p["lr_per_256"] for p in scores["points"]] == [0.02, 0.2] and all(p["weight_decay"] == 0 for p in scores["points"])
-    best = max(scores["points"], key=lambda p: p["held_out_acc1"])
+    best = max(scores["points"], key=lambda p: p["held_out_accuracy"])
     assert scores["chosen"] == best["point"]
     for folder in folders["grid"]:  # the grid's runs validate on a quarter of the training images, never the test set
         data = yaml.safe_load((folder / "config.yaml").read_text())["data"]["init_args"]
@@ -186,5 +186,48 @@ def test_the_study_analyses_its_fine_tuning_and_reports_it(fine_tuned):
     for figure in ("learning_curves", "barriers", "criticality"):
         assert (report / f"figure_transfer_{figure}.png").stat().st_size > 10_000, figure
     found = json.loads((report / "transfer.json").read_text())
-    assert [len(r["curve"]["val/acc1"]) for r in found["runs"] if r["kind"] != "pre-training"] == [2, 2, 2, 2, 2]  # steps 4, 8
+    assert [len(r["curve"]["accuracy"]) for r in found["runs"] if r["kind"] != "pre-training"] == [2, 2, 2, 2, 2]  # steps 4, 8
     assert "Hyper-parameters of p_t (appendix A.3)" in text and text.count("**") >= 2
+
+
+def test_a_target_is_scored_in_its_measure_and_one_without_a_measure_is_refused(tmp_path, shapes_root):
+    """Fine-tuning validates in the target's measure as its sidecar records it (mean per class: Pets, Flowers),
+    checked against scikit-learn on the trained network's own predictions; a target whose files record no measure
+    stops the run at its start, saying how to name one."""
+    import shutil
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    def target(folder: Path, measure) -> Path:
+        folder.mkdir()
+        for split in ("texture_train", "texture_test"):
+            shutil.copy(shapes_root / f"{split}.beton", folder / f"{split}.beton")
+            if measure:
+                info = json.loads((shapes_root / f"{split}.beton.json").read_text())
+                (folder / f"{split}.beton.json").write_text(json.dumps({**info, "measure": measure}))
+        config = folder / "data.yaml"
+        config.write_text(yaml.safe_dump({"class_path": "datamodules.FFCVImageDataModule", "init_args": {
+            "train_path": str(folder / "texture_train.beton"), "val_path": str(folder / "texture_test.beton"),
+            "image_size": 32, "val_resize": 32, "global_batch_size": 32, "num_workers": 1}}))
+        return config
+
+    def fit(data: Path):
+        return cli.main(["fit", "--config", str(REPO / "configs" / "transfer" / "finetune.yaml"), f"--data={data}",
+                         "--model.init_from=null", "--trainer.max_steps=4", "--trainer.val_check_interval=4",
+                         "--checkpoints.epochs=[]", f"--trainer.default_root_dir={data.parent / 'runs'}"])
+
+    built = fit(target(tmp_path / "pets", "mean_per_class"))
+    logged = float(built.trainer.callback_metrics["val/acc_mean_per_class"])
+    module, data = built.model.eval(), built.datamodule
+    predictions, labels = [], []
+    with torch.no_grad():
+        for batch in data.evaluation_dataloader("val", local=True):
+            images, y = data.on_after_batch_transfer(batch, 0)
+            predictions.append(module(images).argmax(1))
+            labels.append(y)
+    expected = balanced_accuracy_score(torch.cat(labels).numpy(), torch.cat(predictions).numpy())
+    assert logged == pytest.approx(expected, abs=1e-6)
+    assert logged != pytest.approx(float(built.trainer.callback_metrics["val/acc1"]), abs=1e-4)  # the measures differ here
+    with pytest.raises(PretrainingError, match=r"No accuracy measure is known for the fine-tuning target .*texture_test\.beton.*"
+                                               r"--data\.init_args\.measure=top1"):
+        fit(target(tmp_path / "unknown", None))
