@@ -1,7 +1,8 @@
 """What every measurement callback shares: when it runs, on which weights, and where its numbers go.
 
 A measurement runs every ``every_n_epochs`` training epochs and once more at the end of fit (if the
-last epoch was not already measured), on the weights that validation evaluates (the EMA when it is on),
+last epoch was not already measured), with ``at_start`` also on the initial weights (step 0: what a
+run's ``epoch000.ckpt`` holds), on the weights that validation evaluates (the EMA when it is on),
 in eval mode. Outside fit, ``cli.py validate --config <run>/config.yaml --ckpt_path <checkpoint>`` measures a
 saved checkpoint after validating it, recorded at the checkpoint's step: how a study adds a measurement
 to runs that ended without it. The network's forward passes run under the trainer's precision (bf16 autocast on a GPU, as
@@ -108,10 +109,11 @@ class MeasurementCallback(Callback):
     """Base of the measurement callbacks: subclasses implement ``measure`` and return tag -> value
     (plus optional TensorBoard figures by tag)."""
 
-    def __init__(self, every_n_epochs: int = 1):
+    def __init__(self, every_n_epochs: int = 1, at_start: bool = False):
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}.")
         self.every_n_epochs = every_n_epochs
+        self.at_start = at_start
         self._last_measured_step: Optional[int] = None
         self._last_scalars: dict[str, float] = {}
         self._last_error: Optional[str] = None
@@ -139,6 +141,10 @@ class MeasurementCallback(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._fit_started, self.seconds = time.perf_counter(), 0.0
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.at_start and trainer.global_step == 0:  # the initial weights (epoch000.ckpt's), not a resumed run's
+            self._run(trainer, module)
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.sanity_checking:

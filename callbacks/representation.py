@@ -89,8 +89,9 @@ class RepresentationMeasurements(MeasurementCallback):
         calibration: bool = True,
         calibration_fit: Literal["auto", "holdout", "val_split"] = "auto",
         seed: int = 0,
+        at_start: bool = False,
     ):
-        super().__init__(every_n_epochs)
+        super().__init__(every_n_epochs, at_start)
         if train_images < 1 or (penultimate_train_images is not None and penultimate_train_images < 1):
             raise ValueError(f"train_images and penultimate_train_images must be >= 1, got {train_images} and "
                              f"{penultimate_train_images}.")

@@ -63,6 +63,7 @@ class TransferProbes(MeasurementCallback):
             test: .../cifar10_test.beton}}``; by default the tasks that come with the data module
             (the embedded data set's ``texture``).
         every_n_epochs: probe after every this many training epochs (and at the end of fit).
+        at_start: also probe the initial weights (step 0), e.g. for "which checkpoint transfers best".
         linear: run the linear probe (45 strengths, appendix A.2).
         knn: run the kNN probe.
         crop_ratio: fraction of each image's shorter side in its centre crop. Appendix A.2: 1.0, the whole
@@ -76,8 +77,9 @@ class TransferProbes(MeasurementCallback):
         linear: bool = True,
         knn: bool = True,
         crop_ratio: float = 1.0,
+        at_start: bool = False,
     ):
-        super().__init__(every_n_epochs)
+        super().__init__(every_n_epochs, at_start)
         if not 0.0 < crop_ratio <= 1.0:
             raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio} (appendix A.2: 1.0).")
         self.crop_ratio = crop_ratio

@@ -316,6 +316,33 @@ def run_measure(folder: Path) -> Optional[str]:
     return torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {}).get("measure")
 
 
+def checkpoint_probes(folder: Path) -> list[dict]:
+    """The probe accuracies (``probe/<dataset>/{linear,knn}_acc``) of each checkpoint a run kept (``epoch<NNN>.ckpt``,
+    and its ``last.ckpt`` as the epochs it finished), as its ``TransferProbes`` measured them at that checkpoint's
+    step (``at_start`` for epoch 0): the probing half of "which pre-training checkpoint transfers best"; [] for a run
+    that probed none."""
+    import json
+
+    summary = folder / "measurements.json"
+    if not summary.is_file():
+        return []
+    from callbacks.checkpoints import finished
+
+    measured = {e["step"]: e["measurements"] for e in json.loads(summary.read_text())["evaluations"]}
+    kept = {int(path.stem[len("epoch"):]): path for path in (folder / "checkpoints").glob("epoch*.ckpt")}
+    done = finished(folder)
+    if done is not None:  # last.ckpt: the epochs it finished, as the P-T runs from it count them
+        kept.setdefault(done["epochs"], folder / "checkpoints" / "last.ckpt")
+    rows = []
+    for epoch, path in sorted(kept.items()):
+        step = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"]  # mmap: not the weights
+        probes = {tag: value for tag, value in measured.get(step, {}).items()
+                  if tag.startswith("probe/") and tag.endswith(("/linear_acc", "/knn_acc"))}
+        if probes:
+            rows.append({"epoch": epoch, "step": step, "probes": probes})
+    return rows
+
+
 def scalar_curves(folder: Path, tags: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
     """[(step, value)] of each of ``tags`` a run logged to TensorBoard (the tags it has)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -327,9 +354,9 @@ def scalar_curves(folder: Path, tags: Sequence[str]) -> dict[str, list[tuple[int
 
 
 def analyse_transfer(study, trainer: Optional[L.Trainer] = None) -> dict:
-    """The study's transfer analysis: every finished run's learning curve, barriers (recomputed and interpolated
-    batch-norm moments) and distances of ``transfer.pairs``, criticality of ``transfer.criticality``; runs not
-    finished are listed, never silently left out."""
+    """The study's transfer analysis: every finished run's learning curve, the probes of every checkpoint a run kept
+    and probed, barriers (recomputed and interpolated batch-norm moments) and distances of ``transfer.pairs``,
+    criticality of ``transfer.criticality``; runs not finished are listed, never silently left out."""
     from callbacks.checkpoints import finished
 
     from .sweep import grid_scores, run_state
@@ -341,6 +368,7 @@ def analyse_transfer(study, trainer: Optional[L.Trainer] = None) -> dict:
     results = {"runs": [finetuning_record(r.name, r.experiment, r.seed, folders[r.name]) for r in study.runs if r.name in done],
                "missing": sorted(set(folders) - set(done)), "barriers": [], "criticality": [],
                "grids": {name: grid_scores(study, name) for name in study.grids}}
+    results["checkpoint_probes"] = {name: rows for name, folder in done.items() if (rows := checkpoint_probes(folder))}
     for record in results["runs"]:  # how far training moved each run from where it started
         start = done[record["run"]] / "checkpoints" / "epoch000.ckpt"
         record["distance_from_start"] = distance(str(done[record["run"]]), str(start))["all"] if start.is_file() else None

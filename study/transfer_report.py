@@ -80,9 +80,11 @@ def transfer_section(transfer: dict, out: Path) -> tuple[list[str], list[Path]]:
     lines.append("")
     figures = [figure_learning_curves(groups, out / "figure_transfer_learning_curves.png"),
                figure_block_shuffle(groups, summaries, out / "figure_transfer_block_shuffle.png"),
-               figure_checkpoint_choice(groups, summaries, out / "figure_transfer_checkpoint_epoch.png")]
+               figure_checkpoint_choice(groups, summaries, transfer.get("checkpoint_probes", {}),
+                                        out / "figure_transfer_checkpoint_epoch.png")]
     for name, grid in transfer.get("grids", {}).items():
         lines += grid_lines(name, grid)
+    lines += checkpoint_lines(groups, summaries, transfer.get("checkpoint_probes", {}))
     lines += table_two(transfer["runs"])
     lines += barrier_lines(transfer["barriers"])
     if transfer["barriers"]:
@@ -115,6 +117,36 @@ def grid_lines(name: str, grid: dict) -> list[str]:
         cells = ["–" if p["held_out_accuracy"] is None else f"{100 * p['held_out_accuracy']:.1f}" for p in points]
         cells = [f"**{c}**" if p["point"] == grid["chosen"] else c for c, p in zip(cells, points)]
         lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _from_checkpoints(groups: dict) -> list[tuple[int, str]]:
+    """(pre-training epoch, experiment) of the un-shuffled P-T experiments, by epoch."""
+    return sorted({(g[0]["pretraining_epoch"], n) for n, g in groups.items()
+                   if g[0]["kind"] == "P-T" and not g[0]["block_shuffle"] and g[0]["pretraining_epoch"] is not None})
+
+
+def checkpoint_lines(groups: dict, summaries: dict, probes: dict) -> list[str]:
+    """Which pre-training checkpoint transfers best: by pre-training epoch, the test accuracy fine-tuned from it
+    (P-T) and its frozen features' probes (linear, kNN) on each target, as the pre-training run measured them."""
+    tuned = _from_checkpoints(groups)
+    columns = [(run, tag) for run, rows in probes.items() for tag in dict.fromkeys(t for r in rows for t in r["probes"])]
+    epochs = sorted({e for e, _ in tuned} | {r["epoch"] for rows in probes.values() for r in rows})
+    if len(epochs) < 2:
+        return []
+    header = ["fine-tuned (P-T)"] + [f"{run}: {tag.split('/')[1]} {tag.split('/')[2].split('_')[0]} probe" for run, tag in columns]
+    lines = ["### Which pre-training checkpoint transfers best", "",
+             "Test accuracy (%) by the pre-training epoch of the starting checkpoint (0: the initialisation): fine-tuned "
+             "from it, mean ± s.e. over fine-tuning seeds, and its frozen penultimate features probed (appendix A.2), as "
+             "the pre-training run measured them at that epoch.", "",
+             "| epoch | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+    for epoch in epochs:
+        names = [n for e, n in tuned if e == epoch]
+        cells = [", ".join(f"{_cell(summaries[n]['acc'], 100)} ({n})" for n in names) or "–"]
+        for run, tag in columns:
+            value = next((r["probes"].get(tag) for r in probes[run] if r["epoch"] == epoch), None)
+            cells.append("–" if value is None else f"{100 * value:.1f}")
+        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -210,6 +242,28 @@ def findings(groups: dict, summaries: dict, transfer: dict) -> list[str]:
                      f"{100 * np.mean(rit['acc']):.1f} % test accuracy) and {'faster' if faster else 'not faster'} "
                      f"({np.mean([s for s in pt['speed'] if s is not None]):.0f} vs "
                      f"{np.mean([s for s in rit['speed'] if s is not None]):.0f} steps to {FRACTION:.0%} of final).")
+    shuffled = {}  # block size -> kind -> mean final accuracy (P-T from the last pre-training checkpoint)
+    for name, group in groups.items():
+        first = group[0]
+        if first["block_shuffle"] and (first["kind"] == "RI-T" or first["pretraining_epoch"] == max(
+                (x[0]["pretraining_epoch"] or 0) for x in groups.values() if x[0]["kind"] == "P-T")):
+            shuffled.setdefault(first["block_shuffle"], {})[first["kind"]] = float(np.mean(summaries[name]["acc"]))
+    gaps = [(b, 100 * (k["P-T"] - k["RI-T"])) for b, k in sorted(shuffled.items()) if len(k) == 2]
+    if gaps:
+        lines.append("- Under block shuffling, P-T minus RI-T test accuracy: "
+                     + ", ".join(f"{gap:+.1f} points at {b} px blocks" for b, gap in gaps) + ".")
+    tuned = _from_checkpoints(groups)
+    if len(tuned) > 1:
+        best = max(tuned, key=lambda t: np.mean(summaries[t[1]]["acc"]))
+        lines.append(f"- Fine-tuned from pre-training epochs {', '.join(str(e) for e, _ in tuned)}: the best start is epoch "
+                     f"{best[0]} ({100 * np.mean(summaries[best[1]]['acc']):.1f} %), the last epoch {tuned[-1][0]} gives "
+                     f"{100 * np.mean(summaries[tuned[-1][1]]['acc']):.1f} %.")
+    for run, rows in transfer.get("checkpoint_probes", {}).items():
+        for tag in dict.fromkeys(t for r in rows for t in r["probes"] if t.endswith("linear_acc")):
+            points = [(r["epoch"], r["probes"][tag]) for r in rows if tag in r["probes"]]
+            best = max(points, key=lambda p: p[1])
+            lines.append(f"- {run}'s linear probe on {tag.split('/')[1]} is best at epoch {best[0]} ({100 * best[1]:.1f} %; "
+                         f"epoch {points[-1][0]}: {100 * points[-1][1]:.1f} %).")
     for b in transfer["barriers"]:
         r, i = b["recomputed"]["test"], b["interpolated"]["test"]
         basin = "one basin (test error barrier ≤ 1 %)" if r["error_barrier"] <= 0.01 else "separated by a barrier"
@@ -278,17 +332,26 @@ def figure_block_shuffle(groups: dict, summaries: dict, path: Path) -> Optional[
     return save_figure(fig, path)
 
 
-def figure_checkpoint_choice(groups: dict, summaries: dict, path: Path) -> Optional[Path]:
-    epochs = sorted({(g[0]["pretraining_epoch"], n) for n, g in groups.items()
-                     if g[0]["kind"] == "P-T" and not g[0]["block_shuffle"] and g[0]["pretraining_epoch"] is not None})
-    if len(epochs) < 2:
+def figure_checkpoint_choice(groups: dict, summaries: dict, probes: dict, path: Path) -> Optional[Path]:
+    """Target accuracy against the pre-training epoch of the checkpoint: fine-tuned from it (P-T) and probed."""
+    tuned = _from_checkpoints(groups)
+    if len(tuned) < 2 and not any(len(rows) > 1 for rows in probes.values()):
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 4))
-    x = [e for e, _ in epochs]
-    means = [_mean_se(summaries[n]["acc"]) for _, n in epochs]
-    ax.errorbar(x, [m for m, _ in means], yerr=[0 if math.isnan(s) else s for _, s in means], fmt="o-", capsize=3)
-    ax.set(xlabel="pre-training epoch of the checkpoint", ylabel="fine-tuned test accuracy", title="Which checkpoint transfers best")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if tuned:
+        means = [_mean_se(summaries[n]["acc"]) for _, n in tuned]
+        ax.errorbar([e for e, _ in tuned], [m for m, _ in means], yerr=[0 if math.isnan(s) else s for _, s in means],
+                    fmt="o-", capsize=3, label="fine-tuned (P-T)")
+    for run, rows in probes.items():
+        for tag in dict.fromkeys(t for r in rows for t in r["probes"]):
+            points = [(r["epoch"], r["probes"][tag]) for r in rows if tag in r["probes"]]
+            style = "s--" if tag.endswith("linear_acc") else "^:"
+            ax.plot([e for e, _ in points], [v for _, v in points], style, label=f"{run}: {tag.split('/')[1]} "
+                    f"{tag.split('/')[2].split('_')[0]} probe")
+    ax.set(xlabel="pre-training epoch of the checkpoint (0: initialisation)", ylabel="target test accuracy",
+           title="Which checkpoint transfers best")
+    ax.legend(fontsize=7)
     return save_figure(fig, path)
 
 

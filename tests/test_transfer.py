@@ -188,6 +188,24 @@ def test_the_study_analyses_its_fine_tuning_and_reports_it(fine_tuned):
     found = json.loads((report / "transfer.json").read_text())
     assert [len(r["curve"]["accuracy"]) for r in found["runs"] if r["kind"] != "pre-training"] == [2, 2, 2, 2, 2]  # steps 4, 8
     assert "Hyper-parameters of p_t (appendix A.3)" in text and text.count("**") >= 2
+    # Which checkpoint transfers best: the pre-training run probed its initial weights and its one epoch.
+    assert [row["epoch"] for row in found["checkpoint_probes"]["pretrain/seed0"]] == [0, 1]
+    assert "### Which pre-training checkpoint transfers best" in text and "pretrain/seed0: texture linear probe" in text
+    assert (report / "figure_transfer_checkpoint_epoch.png").stat().st_size > 10_000
+
+
+def test_the_initial_weights_are_probed_as_their_kept_checkpoint_is(fine_tuned, tmp_path):
+    """``at_start``: the probes at step 0 are those of ``epoch000.ckpt``, measured again from the file."""
+    pretrained, _ = fine_tuned
+    run = pretrained.parent.parent
+    at_start = json.loads((run / "measurements.json").read_text())["evaluations"][0]
+    assert at_start["step"] == 0
+    cli.main(["validate", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "epoch000.ckpt"),
+              f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    again = json.loads((tmp_path / "softmax" / "seed0" / "measurements.json").read_text())["evaluations"][0]
+    assert again["step"] == 0
+    for tag in ("probe/texture/linear_acc", "probe/texture/knn_acc"):
+        assert again["measurements"][tag] == at_start["measurements"][tag], tag
 
 
 def test_a_target_is_scored_in_its_measure_and_one_without_a_measure_is_refused(tmp_path, shapes_root):
