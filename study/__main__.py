@@ -167,8 +167,9 @@ def report(source: str, out: Optional[str] = None, cka_file: Optional[str] = Non
                         transfer=transfer)
     seconds = time.perf_counter() - start
     record_time(folder, "report", seconds)
-    counted = (f"{len(collected.runs)} runs with measurements, {len(collected.missing)} without" if transfer else
-               f"{len(collected.runs)} runs, {len(collected.missing)} missing")
+    counted = (f"{len(collected.runs)} runs with measurements, {len(collected.unmeasured)} fine-tuning runs, "
+               f"{len(collected.missing)} missing" if transfer else
+               f"{len(collected.runs)} runs, {len(collected.missing) + len(collected.unmeasured)} missing")
     print(f"report: {path} ({counted}; {seconds:.1f} s)")
 
 

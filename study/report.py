@@ -218,7 +218,7 @@ def write_report(collected: Collected, out: Path, title: str = "Study", cka: Opt
         return write_transfer_only(out, title, transfer, cka)
     if not collected.runs:
         where = "\n".join(f"  {p}" for p in collected.looked_in[:20]) or "  (nowhere: the study lists no runs)"
-        missing = "".join(f"\n  {name}: {why}" for name, why in collected.missing[:20])
+        missing = "".join(f"\n  {name}: {why}" for name, why in (collected.missing + collected.unmeasured)[:20])
         raise ReportError(f"No finished run with measurements to report. Looked in:\n{where}{missing}")
     groups = group_experiments(collected.runs)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,9 +234,11 @@ def write_report(collected: Collected, out: Path, title: str = "Study", cka: Opt
               f"error over seeds of the run's last evaluation. **Bold**: the best of the column and every row not "
               f"significantly different from it (two-sided Welch's t-test, p ≥ {ALPHA}; rows with one seed are not "
               f"tested). In brackets: the paper's value, where the setting is the paper's (ResNet-50 on ImageNet).", ""]
-    if collected.missing:
+    # Finished runs without measurements are missing from these tables, unless the transfer section reports them.
+    missing = collected.missing + (collected.unmeasured if transfer is None else [])
+    if missing:
         lines += ["**Missing runs** (not in any average):", ""]
-        lines += [f"- {name}: {why}" for name, why in collected.missing] + [""]
+        lines += [f"- {name}: {why}" for name, why in missing] + [""]
     uneven = {k: len(v) for k, v in groups.items() if len(v) != max(len(g) for g in groups.values())}
     if uneven:
         lines += [f"Partial: experiments with fewer seeds than the others: {uneven}.", ""]
@@ -267,22 +269,26 @@ def write_report(collected: Collected, out: Path, title: str = "Study", cka: Opt
     separation = [Column("R² train (penultimate)", _final(R2_TRAIN), "class_separation_r2_train", higher_is_better=None),
                   Column("R² val (penultimate)", _final(R2_VAL), higher_is_better=None),
                   Column("non-zero (penultimate)", _final(NONZERO), higher_is_better=None)]
-    lines += ["## Table 3: class separation R² and ReLU sparsity of the penultimate layer", ""]
-    lines += table(main, separation, paper, "table3", by_objective, label) + [""]
+    if any(math.isfinite(c.value(r)) for c in separation for runs in main.values() for r in runs):
+        lines += ["## Table 3: class separation R² and ReLU sparsity of the penultimate layer", ""]
+        lines += table(main, separation, paper, "table3", by_objective, label) + [""]
 
     figures = [figure_by_layer(groups, "relu_nonzero/", "fraction of non-zero activations", out / "figure3_sparsity_by_layer.png",
                                "Figure 3: sparsity by layer (validation)"),
                figure_by_layer(groups, "class_separation/train/", "class separation R² (training images)",
                                out / "figure4_r2_by_layer.png", "Figure 4: R² by layer")]
-    lines += ["## Figure 5: class separation against transfer", ""]
     points = {name: (np.mean([r.final.get(R2_TRAIN, math.nan) for r in runs]),
                      np.mean([mean_linear(r, datasets) for r in runs])) for name, runs in main.items()} if datasets else {}
-    rho, p = spearman([v[0] for v in points.values()], [v[1] for v in points.values()]) if points else (math.nan, math.nan)
-    lines += [f"Figure 5a, over the {len(points)} experiments: Spearman ρ(penultimate R² on the training set, mean linear "
-              f"transfer accuracy) = {rho:.2f} (p = {p:.3g}); the paper: ρ = −0.93 (p = 0.002) over its nine objectives.", ""]
+    points = {name: xy for name, xy in points.items() if all(map(math.isfinite, xy))}
+    if len(points) >= 3:  # a rank correlation of fewer points says nothing
+        rho, p = spearman([v[0] for v in points.values()], [v[1] for v in points.values()])
+        lines += ["## Figure 5: class separation against transfer", "",
+                  f"Figure 5a, over the {len(points)} experiments: Spearman ρ(penultimate R² on the training set, mean "
+                  f"linear transfer accuracy) = {rho:.2f} (p = {p:.3g}); the paper: ρ = −0.93 (p = 0.002) over its nine "
+                  f"objectives.", ""]
     if len(sweep) > 1:
         lines += table_four(sweep, datasets, paper)
-    if points:
+    if len(points) >= 3:
         figures.append(figure_five(points, {n: main[n][0] for n in points}, paper, out / "figure5_r2_vs_transfer.png", rho, p))
     if cka:
         section, drawn = cka_parts(cka, out)

@@ -2,7 +2,8 @@
 differ only in their seed.
 
 A run is read when its fit finished (``checkpoints/finished.json``) and it holds ``measurements.json``; any
-other run of the study is listed as missing with the reason, never silently left out of an average.
+other run of the study is listed with the reason, never silently left out of an average: missing (not run or not
+finished), or finished without measurements (which a study's transfer section reads from its events instead).
 """
 
 from __future__ import annotations
@@ -55,11 +56,21 @@ class RunResult:
 @dataclass
 class Collected:
     runs: list[RunResult] = field(default_factory=list)
-    missing: list[tuple[str, str]] = field(default_factory=list)  # (run, why)
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (run, why): not run, or not finished
+    unmeasured: list[tuple[str, str]] = field(default_factory=list)  # (run, why): finished without measurements.json
     looked_in: list[Path] = field(default_factory=list)
 
+    def add(self, name: str, folder: Path) -> None:
+        """The run in ``folder`` (``read_run``), or why it cannot be reported."""
+        self.looked_in.append(folder)
+        result, why = read_run(*name.split("/seed"), folder)
+        if result is not None:
+            self.runs.append(result)
+        else:
+            (self.unmeasured if finished(folder) is not None else self.missing).append((name, why))
 
-def read_run(experiment: str, seed: int, folder: Path) -> tuple[Optional[RunResult], Optional[str]]:
+
+def read_run(experiment: str, seed: int | str, folder: Path) -> tuple[Optional[RunResult], Optional[str]]:
     """The run in ``folder``, or None and why it cannot be reported."""
     summary = folder / "measurements.json"
     done = finished(folder)
@@ -72,7 +83,7 @@ def read_run(experiment: str, seed: int, folder: Path) -> tuple[Optional[RunResu
     config = yaml.safe_load(data.get("config") or "{}") or {}
     objective = data.get("objective") or {"class_path": "Softmax", "init_args": {}}
     evaluations = [e for e in data.get("evaluations", []) if e.get("fingerprint", data.get("fingerprint")) == data.get("fingerprint")]
-    return RunResult(experiment, seed, folder, config, str(objective["class_path"]).rsplit(".", 1)[-1],
+    return RunResult(experiment, int(seed), folder, config, str(objective["class_path"]).rsplit(".", 1)[-1],
                      dict(objective.get("init_args") or {}), dict(data.get("hparams") or {}), evaluations), None
 
 
@@ -82,13 +93,7 @@ def collect(study) -> Collected:
 
     found = Collected()
     for run in study.runs:
-        folder = run_state(run).folder
-        found.looked_in.append(folder)
-        result, why = read_run(run.experiment, run.seed, folder)
-        if result is None:
-            found.missing.append((run.name, why))
-        else:
-            found.runs.append(result)
+        found.add(run.name, run_state(run).folder)
     return found
 
 
@@ -96,11 +101,7 @@ def collect_folder(root: Path) -> Collected:
     """Every run under ``root`` laid out as ``<experiment>/seed<k>`` (a study's folder without its file)."""
     found = Collected(looked_in=[root])
     for folder in sorted(p for p in Path(root).glob("**/seed*") if p.is_dir() and re.fullmatch(r"seed\d+", p.name)):
-        result, why = read_run(folder.parent.name, int(folder.name[4:]), folder)
-        if result is None:
-            found.missing.append((f"{folder.parent.name}/{folder.name}", why))
-        else:
-            found.runs.append(result)
+        found.add(f"{folder.parent.name}/{folder.name}", folder)
     return found
 
 

@@ -188,6 +188,10 @@ def test_the_study_analyses_its_fine_tuning_and_reports_it(fine_tuned):
     found = json.loads((report / "transfer.json").read_text())
     assert [len(r["curve"]["accuracy"]) for r in found["runs"] if r["kind"] != "pre-training"] == [2, 2, 2, 2, 2]  # steps 4, 8
     assert "Hyper-parameters of p_t (appendix A.3)" in text and text.count("**") >= 2
+    # Fine-tuning runs measure nothing at the end of fit: reported above, not listed as missing from Tables 1 and 3,
+    # which show the pre-training run's probes; no R² was measured, so no Table 3, and no ρ of one point.
+    assert "Missing runs" not in text and "| pretrain (Softmax) | 1 |" in text
+    assert "## Table 3" not in text and "Spearman" not in text
     # Which checkpoint transfers best: the pre-training run probed its initial weights and its one epoch.
     assert [row["epoch"] for row in found["checkpoint_probes"]["pretrain/seed0"]] == [0, 1]
     assert "### Which pre-training checkpoint transfers best" in text and "pretrain/seed0: texture linear probe" in text
