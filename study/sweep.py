@@ -24,7 +24,7 @@ from typing import Optional
 
 from callbacks.checkpoints import finished
 
-from .spec import Run, Study
+from .spec import Run, Study, StudyError
 
 __all__ = ["GridUnfinished", "RunState", "grid_scores", "run_locally", "run_state", "selected", "stages", "submit_to_slurm"]
 
@@ -72,8 +72,6 @@ def stages(study: Study, states: list[RunState]) -> list[list[RunState]]:
             source = s.init_from.resolve()
             owner = [name for name, folder in owners.items() if name != s.run.name and source.is_relative_to(folder)]
             if not owner and not s.init_from.is_file():
-                from .spec import StudyError
-
                 raise StudyError(f"{study.path}: {s.run.name} starts from {s.init_from} (model.init_from), which does not exist "
                                  f"and which none of the study's runs trains. Train that run first, or correct the path.")
             needs[s.run.name] += owner
@@ -81,8 +79,6 @@ def stages(study: Study, states: list[RunState]) -> list[list[RunState]]:
 
     def stage_of(name: str, path: tuple[str, ...] = ()) -> int:
         if name in path:
-            from .spec import StudyError
-
             raise StudyError(f"{study.path}: runs that start from one another in a circle: {' -> '.join((*path, name))}.")
         if name not in depth:
             depth[name] = 1 + max((stage_of(n, (*path, name)) for n in needs[name]), default=-1)
