@@ -13,11 +13,15 @@ The two head regularisers, PenultimateDropout and ExtraFinalL2, wrap another obj
 Softmax by default), so they stack with any loss as in Table C.4 without new code, e.g.
 ``PenultimateDropout(keep_prob=0.7, loss=LabelSmoothing(alpha=0.1))``.
 
-Adding an objective: subclass ``Objective`` here and name it in a config (``model.objective``).
+Adding an objective: subclass ``Objective`` here and name it in a config (``model.objective``). Its
+constructor arguments are recorded as given, with defaults, for the run's hparams (``Objective.config``).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import inspect
 import math
 from typing import Literal, Optional
 
@@ -54,10 +58,22 @@ def _require(condition: bool, message: str) -> None:
 
 
 class Objective(nn.Module):
-    """Base class: plain linear logits ``z = W x + b`` fed to softmax cross-entropy (Eq. 1)."""
+    """Base class: plain linear logits ``z = W x + b`` fed to softmax cross-entropy (Eq. 1).
+
+    Every objective records the arguments it is constructed with, defaults included, before its
+    ``__init__`` body runs (``__init_subclass__`` wraps each subclass's ``__init__``, as Lightning's
+    ``save_hyperparameters`` captures a module's); ``config()`` returns that record.
+    """
 
     # How calibration turns logits into class probabilities (measurements.calibration).
     probability_kind = "softmax"
+    # The recorded constructor arguments; an objective with no __init__ of its own takes none.
+    _init_args: dict[str, object] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in vars(cls):
+            cls.__init__ = _recording_arguments(cls.__init__)
 
     def init_head(self, head: nn.Linear) -> None:
         nn.init.normal_(head.weight, std=HEAD_INIT_STD)
@@ -74,13 +90,35 @@ class Objective(nn.Module):
         return head.weight
 
     def config(self) -> dict[str, object]:
-        """The objective as LightningCLI writes it (class_path, init_args), recorded with each run."""
-        args = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "training"}
-        args.update({name: child.config() for name, child in self.named_children() if isinstance(child, Objective)})
-        return {"class_path": f"{type(self).__module__}.{type(self).__name__}", "init_args": args}
+        """The objective as LightningCLI writes it, recorded with each run and read back by
+        ``make_objective``: class_path, and init_args, every argument it was constructed with (defaults
+        included; a wrapped objective as its own config)."""
+        return {"class_path": f"{type(self).__module__}.{type(self).__name__}", "init_args": copy.deepcopy(self._init_args)}
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.config()["init_args"].items() if not isinstance(v, dict))
+
+
+def _recording_arguments(init):
+    """``init`` preceded by recording its bound arguments, defaults included, as ``self._init_args`` (an
+    objective among them as its config, so the record is a plain, nested {class_path, init_args} dict).
+    Only the outermost call records: a subclass's ``super().__init__(...)`` keeps the record of the class
+    actually constructed."""
+    signature = inspect.signature(init)
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
+        raise TypeError(f"{init.__qualname__}: an objective's arguments must be named, so a run can record them.")
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        if "_init_args" not in self.__dict__:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            _, *arguments = bound.arguments.items()  # less self
+            # Straight into __dict__: nn.Module.__init__ has not run yet.
+            self.__dict__["_init_args"] = {k: v.config() if isinstance(v, Objective) else v for k, v in arguments}
+        init(self, *args, **kwargs)
+
+    return __init__
 
 
 class Softmax(Objective):
@@ -263,6 +301,7 @@ class _HeadRegularizer(Objective):
     def __init__(self, loss: Optional[Objective] = None):
         super().__init__()
         self.loss = loss if loss is not None else Softmax()
+        self._init_args["loss"] = self.loss.config()  # None stands for Softmax: the record names it
 
     @property
     def probability_kind(self) -> str:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .lbfgs import minimise
+
 __all__ = [
     "ProbabilityKind",
     "probabilities",
@@ -74,23 +76,25 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, num_bins: int = 15
 def fit_temperature(logits: Tensor, labels: Tensor, kind: ProbabilityKind = "softmax") -> float:
     """The T > 0 minimising ``negative_log_likelihood(logits, labels, kind, T)`` (Guo et al. 2017).
 
-    Optimises log T (so T stays positive) from T = 1 with full-batch L-BFGS and a strong-Wolfe line
-    search; for softmax the NLL is convex in 1/T, so the minimum found is the global one.
+    Minimises over u = log T (T stays positive; steps are relative) from T = 1 with ``lbfgs.minimise``,
+    whose Wolfe line search is correct off convexity too, until |dNLL/du| ≤ 1e-10 or the NLL stops
+    decreasing in float64. For softmax the NLL is convex in 1/T (a log-sum-exp of the logits times 1/T,
+    less a term linear in 1/T), though not in u (an underconfident model's NLL can be concave in u between
+    T = 1 and its minimum); as u ↦ 1/T is monotone, a stationary point in u is the global minimum. The
+    sigmoid-normalised NLL is not convex in 1/T and can have two local minima (seen on synthetic logits
+    unlike a trained network's: large offsets, noisy labels); the fit returns the one downhill from T = 1.
     """
     _check_logits(logits, kind, labels)
     z, labels = logits.detach().double(), labels.long()
-    log_t = torch.zeros((), dtype=torch.float64, device=z.device, requires_grad=True)
-    optimiser = torch.optim.LBFGS([log_t], lr=1.0, max_iter=100, tolerance_grad=1e-10, tolerance_change=1e-14,
-                                  line_search_fn="strong_wolfe")
 
-    def closure():
-        optimiser.zero_grad()
-        loss = F.nll_loss(_log_probabilities(z / log_t.exp(), kind), labels)
-        loss.backward()
-        return loss
+    def objective(log_t: Tensor) -> tuple[float, Tensor]:
+        log_t = log_t.detach().requires_grad_()
+        nll = F.nll_loss(_log_probabilities(z / log_t.exp(), kind), labels)
+        (grad,) = torch.autograd.grad(nll, log_t)
+        return float(nll.detach()), grad
 
-    optimiser.step(closure)
-    return float(log_t.detach().exp())
+    log_t = minimise(objective, torch.zeros(1, dtype=torch.float64, device=z.device), max_iter=100, tol=1e-10)
+    return float(log_t.exp())
 
 
 def calibration_statistics(

@@ -12,7 +12,7 @@ Scores are fractions in [0, 1].
 
 i.e. λ applies to the *sum* of per-example losses, as in the paper. scikit-learn's
 ``LogisticRegression(C=...)`` minimises C·Σ_i CE + ½‖W‖², the same problem with λ = 1/C. The optimiser
-is full-batch L-BFGS (a compact one for convex objectives, ``_minimise_convex``) on L/N, stopping when
+is full-batch L-BFGS (``measurements.lbfgs``, shared with temperature scaling) on L/N, stopping when
 max |∇(L/N)| ≤ ``tol``: the same objective scaling and stopping rule as scikit-learn's ``lbfgs`` solver
 with ``tol``, so tolerances compare one for one. λ runs over 45 log-spaced values in [1e-6, 1e5] (a
 quarter decade apart).
@@ -34,7 +34,6 @@ serves every candidate k, so extra memory is O(chunk_size·N + N·len(ks)), neve
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .accuracy import MEASURES, check_measure, score
+from .lbfgs import minimise
 
 __all__ = [
     "DEFAULT_STRENGTHS",
@@ -149,62 +149,6 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _lbfgs_direction(grad: Tensor, pairs: deque[tuple[Tensor, Tensor]]) -> Tensor:
-    """−H∇f by the two-loop recursion over the stored (step s, gradient change y) pairs, with the initial
-    inverse Hessian sᵀy/yᵀy · I of the newest pair (Nocedal and Wright, Algorithm 7.4)."""
-    q, alphas = -grad, []
-    for s, y in reversed(pairs):
-        alpha = s.dot(q) / s.dot(y)
-        q = q - alpha * y
-        alphas.append(alpha)
-    if pairs:
-        s, y = pairs[-1]
-        q = q * (s.dot(y) / y.dot(y))
-    for (s, y), alpha in zip(pairs, reversed(alphas)):
-        q = q + (alpha - y.dot(q) / s.dot(y)) * s
-    return q
-
-
-def _minimise_convex(objective, theta: Tensor, max_iter: int, tol: float, history: int = 10) -> Tensor:
-    """L-BFGS (Nocedal 1980) for a smooth *convex* f: θ ← θ + t·d with d = −H∇f from the last ``history``
-    pairs (as scipy's default), and t backtracked from 1 by safeguarded quadratic interpolation until
-    Armijo's sufficient decrease holds. Convexity makes sᵀy ≥ 0 for any step, so the Wolfe curvature
-    condition that a general L-BFGS line search enforces, at the price of extra evaluations, is not
-    needed; pairs with sᵀy ≈ 0 are skipped. ``objective(θ)`` returns (f as a float, ∇f).
-
-    Stops when max |∇f| ≤ ``tol``, after ``max_iter`` iterations, or when f stops decreasing at float
-    resolution (relative decrease ≤ the dtype's ε: scipy's ``ftol`` test), beyond which float32 cannot go.
-    """
-    eps = torch.finfo(theta.dtype).eps
-    loss, grad = objective(theta)
-    pairs: deque[tuple[Tensor, Tensor]] = deque(maxlen=history)
-    for _ in range(max_iter):
-        if grad.abs().max() <= tol:
-            break
-        direction = _lbfgs_direction(grad, pairs)
-        slope = float(grad.dot(direction))
-        if not slope < 0:  # H is positive definite, so only at float resolution (or NaN): stop
-            break
-        # No curvature known yet: a first step of length at most 1 in the ℓ1 norm (torch's LBFGS rule).
-        step = 1.0 if pairs else min(1.0, 1.0 / float(grad.abs().sum()))
-        for _ in range(30):
-            new_loss, new_grad = objective(theta + step * direction)
-            if new_loss <= loss + 1e-4 * step * slope:
-                break
-            # Minimum of the quadratic through f(0), f'(0) and f(step), kept within [0.1, 0.5] · step.
-            step *= min(0.5, max(0.1, -slope * step / (2 * (new_loss - loss - slope * step))))
-        else:
-            break  # no decrease found: the line is flat at float resolution
-        s, y = step * direction, new_grad - grad
-        if s.dot(y) > eps * y.dot(y):
-            pairs.append((s, y))
-        stalled = loss - new_loss <= eps * max(abs(loss), abs(new_loss), 1.0)
-        theta, loss, grad = theta + s, new_loss, new_grad
-        if stalled:
-            break
-    return theta
-
-
 def fit_logistic_regression(
     x: Tensor,
     y: Tensor,
@@ -218,7 +162,7 @@ def fit_logistic_regression(
     with λ = ``l2`` (scikit-learn's C = 1/λ), for ``x`` as given (not standardised; centred internally,
     which changes only the speed, on one centred copy of ``x``).
 
-    Full-batch L-BFGS (``_minimise_convex``: 10 correction pairs, backtracking line search) on L/N from
+    Full-batch L-BFGS (``lbfgs.minimise``: 10 correction pairs, weak-Wolfe line search) on L/N from
     ``init`` (a warm start) or zeros, for at most ``max_iter`` iterations, stopping once
     max |∇(L/N)| ≤ ``tol`` (scikit-learn's ``lbfgs`` rule; its default ``tol`` is the same 1e-4) or when
     L/N stops changing at float resolution. Computed in float32 (float64 if ``x`` is float64) on ``x``'s
@@ -255,7 +199,7 @@ def fit_logistic_regression(
         torch.sum(p, 0, out=grad[c * d:])
         return float(loss), grad.div_(n)
 
-    theta = _minimise_convex(objective, theta, max_iter, tol)
+    theta = minimise(objective, theta, max_iter, tol)
     weight = theta[: c * d].view(c, d).T
     return weight, theta[c * d:] - mean @ weight
 

@@ -3,8 +3,11 @@ on data drawn at a known temperature, sigmoid-normalised probabilities, and inpu
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from scipy.optimize import minimize_scalar
+from scipy.special import log_expit, log_softmax, logsumexp
 
 from measurements.calibration import (
     calibration_statistics,
@@ -114,6 +117,34 @@ def test_temperature_scaling_recovers_the_temperature_and_lowers_nll(kind):
 def test_an_underconfident_model_gets_a_temperature_below_one():
     z, labels = drawn_at("softmax", 10_000, seed=1)
     assert fit_temperature(z / 3, labels) == pytest.approx(1 / 3, rel=0.05)
+
+
+def nll_in_numpy(z: np.ndarray, labels: np.ndarray, kind: str, log_t: float) -> float:
+    """The mean NLL at T = exp(log_t) by scipy's log-softmax and log-sigmoid: no code shared with calibration."""
+    w = z * math.exp(-log_t)
+    log_p = log_softmax(w, 1) if kind == "softmax" else log_expit(w) - logsumexp(log_expit(w), 1, keepdims=True)
+    return float(-log_p[np.arange(len(labels)), labels].mean())
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid_normalised"])
+@pytest.mark.parametrize("scale, label_noise", [
+    (5.0, 0.0),   # overconfident: T ≈ 5
+    (0.01, 0.5),  # underconfident with noisy labels: the NLL is concave in log T between T = 1 and its
+                  # minimum (an Armijo-only L-BFGS crawls there and stops far short)
+])
+def test_fitted_temperature_is_the_minimum_a_grid_and_brent_find(kind, scale, label_noise):
+    z, labels = drawn_at(kind, 2_000, seed=2)
+    flip = torch.rand(len(labels), generator=torch.Generator().manual_seed(3)) < label_noise
+    labels[flip] = torch.randint(0, z.shape[1], (int(flip.sum()),), generator=torch.Generator().manual_seed(4))
+    z = scale * z
+    # Independently: the best of a dense grid over log T in [-8, 8], refined by Brent's method between its neighbours.
+    z_np, y_np = z.numpy(), labels.numpy()
+    grid = np.linspace(-8, 8, 1601)
+    i = int(np.argmin([nll_in_numpy(z_np, y_np, kind, u) for u in grid]))
+    assert 0 < i < len(grid) - 1
+    brent = minimize_scalar(lambda u: nll_in_numpy(z_np, y_np, kind, u), bounds=(grid[i - 1], grid[i + 1]),
+                            method="bounded", options={"xatol": 1e-12})
+    assert fit_temperature(z, labels, kind) == pytest.approx(math.exp(brent.x), rel=1e-6)
 
 
 @pytest.mark.parametrize("call, match", [

@@ -259,3 +259,54 @@ def test_measurements_see_the_class_weights_and_probabilities_each_objective_use
     assert Softmax().class_weights(head) is head.weight
     assert PenultimateDropout(loss=Sigmoid()).probability_kind == "sigmoid_normalised"
     assert LabelSmoothing().probability_kind == "softmax"
+
+
+PATH = "lightning_modules.objectives."
+# Each of the nine objectives with every argument away from its default (wrapped losses too), and the
+# record expected of it, written out by hand.
+CONSTRUCTED = [
+    (lambda: Softmax(), {}),
+    (lambda: LabelSmoothing(0.3), {"alpha": 0.3}),  # positional
+    (lambda: Sigmoid(variant="released"), {"variant": "released"}),
+    (lambda: LogitPenalty(beta=0.05), {"beta": 0.05}),
+    (lambda: LogitNorm(temperature=0.5), {"temperature": 0.5}),
+    (lambda: CosineSoftmax(0.2, loss_scale=0.5, variant="released"),
+     {"temperature": 0.2, "loss_scale": 0.5, "variant": "released"}),
+    (lambda: SquaredError(kappa=2.0, m=3.0, loss_scale=0.7, variant="released"),
+     {"kappa": 2.0, "m": 3.0, "loss_scale": 0.7, "variant": "released"}),
+    (lambda: PenultimateDropout(keep_prob=0.5, loss=LabelSmoothing(alpha=0.2)),
+     {"keep_prob": 0.5, "loss": {"class_path": PATH + "LabelSmoothing", "init_args": {"alpha": 0.2}}}),
+    (lambda: ExtraFinalL2(0.3, CosineSoftmax(temperature=0.1, variant="released")),
+     {"lambda_final": 0.3, "loss": {"class_path": PATH + "CosineSoftmax",
+                                    "init_args": {"temperature": 0.1, "loss_scale": 1.0, "variant": "released"}}}),
+]
+
+
+def test_every_objective_is_constructed_away_from_its_defaults_below():
+    assert {type(make()).__name__ for make, _ in CONSTRUCTED} == set(objective_classes())
+
+
+@pytest.mark.parametrize("make, init_args", CONSTRUCTED, ids=[type(make()).__name__ for make, _ in CONSTRUCTED])
+def test_the_record_is_the_constructor_arguments_and_rebuilds_the_same_loss(make, init_args, data):
+    x, head, y = data
+    objective = make()
+    assert objective.config() == {"class_path": PATH + type(objective).__name__, "init_args": init_args}
+    rebuilt = make_objective(objective.config())
+    assert rebuilt.config() == objective.config()
+    for training in (False, True):  # in training, dropout draws the same mask from the same seed
+        objective.train(training), rebuilt.train(training)
+        torch.manual_seed(0)
+        expected = total(objective, x, head, y)
+        torch.manual_seed(0)
+        assert total(rebuilt, x, head, y).item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_the_record_includes_defaults_and_names_the_default_loss():
+    softmax = {"class_path": PATH + "Softmax", "init_args": {}}
+    assert ExtraFinalL2().config()["init_args"] == {"lambda_final": 8e-4, "loss": softmax}
+    assert PenultimateDropout(loss=None).config()["init_args"] == {"keep_prob": 0.7, "loss": softmax}
+    assert CosineSoftmax(temperature=0.1).config()["init_args"] == {"temperature": 0.1, "loss_scale": 1.0,
+                                                                    "variant": "paper"}
+    objective = LogitNorm()
+    objective.config()["init_args"]["temperature"] = 1.0  # a caller's copy: the record stays as constructed
+    assert objective.config()["init_args"] == {"temperature": 0.04}
