@@ -85,12 +85,14 @@ def fit_temperature(logits: Tensor, labels: Tensor, kind: ProbabilityKind = "sof
     unlike a trained network's: large offsets, noisy labels); the fit returns the one downhill from T = 1.
     """
     _check_logits(logits, kind, labels)
-    z, labels = logits.detach().double(), labels.long()
+    # A copy, so that logits made under torch.inference_mode (a validation pass) can be saved for backward.
+    z, labels = logits.detach().double().clone(), labels.long().clone()
 
     def objective(log_t: Tensor) -> tuple[float, Tensor]:
-        log_t = log_t.detach().requires_grad_()
-        nll = F.nll_loss(_log_probabilities(z / log_t.exp(), kind), labels)
-        (grad,) = torch.autograd.grad(nll, log_t)
+        with torch.enable_grad():  # callers measure under no_grad (callbacks.measurement)
+            log_t = log_t.detach().requires_grad_()
+            nll = F.nll_loss(_log_probabilities(z / log_t.exp(), kind), labels)
+            (grad,) = torch.autograd.grad(nll, log_t)
         return float(nll.detach()), grad
 
     log_t = minimise(objective, torch.zeros(1, dtype=torch.float64, device=z.device), max_iter=100, tol=1e-10)

@@ -119,6 +119,16 @@ def test_an_underconfident_model_gets_a_temperature_below_one():
     assert fit_temperature(z / 3, labels) == pytest.approx(1 / 3, rel=0.05)
 
 
+def test_the_temperature_is_fitted_alike_under_no_grad_and_from_inference_tensors():
+    """Measurements call it under torch.no_grad on logits a validation pass made under torch.inference_mode."""
+    z, labels = drawn_at("softmax", 2_000, seed=2)
+    expected = fit_temperature(3 * z, labels)
+    with torch.inference_mode():
+        made_in_inference = 3 * z
+    with torch.no_grad():
+        assert fit_temperature(made_in_inference, labels) == expected
+
+
 def nll_in_numpy(z: np.ndarray, labels: np.ndarray, kind: str, log_t: float) -> float:
     """The mean NLL at T = exp(log_t) by scipy's log-softmax and log-sigmoid: no code shared with calibration."""
     w = z * math.exp(-log_t)
