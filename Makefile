@@ -1,7 +1,7 @@
 # The few commands a newcomer needs. Each one sets up first (idempotent, fast when already done).
 PY := .venv/bin/python
 
-.PHONY: setup quickstart study transfer-study test benchmark benchmark-loader benchmark-probes benchmark-cka benchmark-gpu tensorboard
+.PHONY: setup quickstart study transfer-study test benchmark benchmark-loader benchmark-probes benchmark-cka benchmark-study benchmark-gpu tensorboard
 
 setup:
 	bash scripts/setup.sh
@@ -29,6 +29,9 @@ benchmark-probes: setup  ## linear-probe sweep vs scikit-learn; kNN leave-one-ou
 
 benchmark-cka: setup  ## block x block CKA: Gram matrices once per batch vs once per pair (speed-up, max difference)
 	$(PY) benchmarks/cka_speed.py
+
+benchmark-study: setup  ## planning Table 2's 15,768-run study: a parser per run vs one kept parser (add ARGS=--all for all)
+	$(PY) benchmarks/study_planning.py $(ARGS)
 
 benchmark-gpu: setup  ## ResNet-50 img/s on one GPU: fast path off / on / compiled, synthetic and FFCV
 	$(PY) benchmarks/gpu_throughput.py --compile

@@ -50,7 +50,8 @@ def run(study: str, analyse_after: bool = True) -> None:
         sys.exit(1)
 
 
-def submit(study: str, sbatch: Optional[list[str]] = None, analysis_sbatch: Optional[list[str]] = None) -> None:
+def submit(study: str, sbatch: Optional[list[str]] = None, analysis_sbatch: Optional[list[str]] = None,
+           max_array_size: int = 1000) -> None:
     """Submit ``study`` to SLURM: its unfinished runs as one array job per stage (a task per run, each as
     slurm/train.sbatch runs one; a stage waits for the runs it starts from: pre-training before fine-tuning, a
     grid before its refit) and its analysis (slurm/analyse.sbatch) to start when every task has succeeded
@@ -60,10 +61,13 @@ def submit(study: str, sbatch: Optional[list[str]] = None, analysis_sbatch: Opti
         study: the study file.
         sbatch: sbatch flags for every array, e.g. [--partition=gpu, --nodes=2].
         analysis_sbatch: sbatch flags for the analysis job.
+        max_array_size: the most tasks of one array job (the cluster's MaxArraySize - 1); a larger stage is split.
     """
     from .sweep import submit_to_slurm
 
-    arrays, analysis = submit_to_slurm(Study.load(study), list(sbatch or []), list(analysis_sbatch or []))
+    if max_array_size < 1:
+        raise SystemExit(f"max_array_size must be >= 1, got {max_array_size}.")
+    arrays, analysis = submit_to_slurm(Study.load(study), list(sbatch or []), list(analysis_sbatch or []), max_array_size)
     print(f"array jobs {', '.join(arrays) or '(none: every run has finished)'}; analysis job {analysis}"
           f"{' after them' if arrays else ''}; logs in slurm/logs/")
 

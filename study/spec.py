@@ -19,7 +19,9 @@
 
 An experiment may also be a variant of a config: ``{name: ri_t, config: configs/transfer/finetune.yaml,
 overrides: [--model.init_from=null, --trainer.default_root_dir=runs/transfer/ri_t]}`` (its own folder, since
-the folder is named by the objective). ``transfer:`` adds Neyshabur et al.'s passes on the runs' checkpoints
+the folder is named by the objective). ``{seed}`` in a variant's overrides is the run's seed, so fine-tuning seed k
+can start from pre-training seed k (``--model.init_from=runs/imagenet/softmax/seed{seed}/checkpoints/last.ckpt``).
+``grid:`` chooses its lr and weight decay as appendix A.3 does (``GridPlan``). ``transfer:`` adds Neyshabur et al.'s passes on the runs' checkpoints
 (``TransferPlan``: barriers between pairs, module criticality against each run's ``epoch000.ckpt``).
 
 A run is ``<experiment>/seed<k>``; it lives in the folder ``cli.py fit`` names for it (``cli.run_folder``).
@@ -76,9 +78,10 @@ class CKAPlan:
 @dataclass(frozen=True)
 class GridPlan:
     """Appendix A.3's choice of fine-tuning hyper-parameters: every (lr, decay) point trained on the target's
-    training images less a held-out ``validation_split`` (one seed), the best on those held-out images chosen,
-    then the experiment itself refit with it on all of them and tested. ``lr_times_weight_decay`` is A.3's grid
-    variable (weight_decay = value / lr; None: no decay)."""
+    training images less a held-out ``validation_split``, once per seed of the experiment (A.3: from each of the
+    3 pre-trained networks); the point of best held-out accuracy averaged over the seeds chosen; then the
+    experiment itself refit with it on all of the training images and tested. ``lr_times_weight_decay`` is A.3's
+    grid variable (weight_decay = value / lr; None: no decay)."""
 
     lr_per_256: tuple[float, ...]
     lr_times_weight_decay: tuple[Optional[float], ...] = (None,)
@@ -121,7 +124,8 @@ class Study:
     runs: list[Run] = field(init=False)
 
     def __post_init__(self):
-        self.runs = [Run(name, seed, config, (*self.variants.get(name, ()), *self.overrides))
+        self.runs = [Run(name, seed, config, tuple(arg.replace("{seed}", str(seed))
+                                                   for arg in (*self.variants.get(name, ()), *self.overrides)))
                      for name, config in self.experiments.items() for seed in self.own_seeds.get(name, self.seeds)]
 
     @classmethod
@@ -153,12 +157,12 @@ class Study:
                     if not config.is_file():
                         raise StudyError(f"{path}: experiment config {config} does not exist.")
                     grid = _grid(path, name, config, entry["grid"], variants[name])
-                    for point, lr, decay in grid.points:  # the grid's runs come first, one seed each
+                    for point, lr, decay in grid.points:  # the grid's runs come first, with the experiment's seeds
                         experiments[point] = config
                         variants[point] = (*variants[name], f"--model.lr_per_256={lr}", f"--model.weight_decay={decay}",
                                            f"--data.init_args.validation_split={grid.validation_split}",
                                            f"--trainer.default_root_dir={_root(config, variants[name])}/{name}_grid/{point[len(name) + 6:]}")
-                        own_seeds[point] = (own_seeds.get(name) or tuple(spec.get("seeds", [0])))[:1]
+                        own_seeds[point] = own_seeds.get(name) or tuple(spec.get("seeds", [0]))
                     grids[name] = grid
             else:
                 config = Path(entry)
@@ -258,6 +262,10 @@ def _grid(path: Path, name: str, config: Path, grid: dict, overrides: tuple[str,
         raise StudyError(f"{path}: {name}'s grid has lr_per_256 (a non-empty list), lr_times_weight_decay (values or null) "
                          f"and validation_split; got {sorted(grid)}.")
     lrs, decays = tuple(grid["lr_per_256"]), tuple(grid.get("lr_times_weight_decay") or (None,))
+    number = (int, float)
+    if any(not isinstance(v, number) for v in lrs) or any(d is not None and not isinstance(d, number) for d in decays):
+        raise StudyError(f"{path}: {name}'s grid holds values that are not numbers: {lrs}, {decays} (YAML reads 1e-5 "
+                         f"as text; write 1.0e-5).")
     if any(lr <= 0 for lr in lrs) or any(d is not None and d < 0 for d in decays):
         raise StudyError(f"{path}: {name}'s grid needs positive learning rates and non-negative decays, got {lrs}, {decays}.")
     points = tuple((f"{name}_grid_lr{i}_wd{j}", lr, 0.0 if d is None else d / lr)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from callbacks.checkpoints import finished
 
 from .spec import Run, Study, StudyError
@@ -63,14 +65,17 @@ def stages(study: Study, states: list[RunState]) -> list[list[RunState]]:
     before k (in the study's order within a stage). A run's prerequisites: the run whose folder holds the
     checkpoint it starts from (``model.init_from``), and, for a refit, every point of its grid. A checkpoint that
     neither exists nor comes from one of the study's runs is an error now, not when its run starts."""
-    owners = {s.run.name: s.folder.resolve() for s in states}
-    points = {name: {p for p, _, _ in grid.points} for name, grid in study.grids.items()}
-    needs: dict[str, list[str]] = {}
+    owners = {s.folder.resolve(): s.run.name for s in states}
+    by_experiment: dict[str, list[str]] = {}
     for s in states:
-        needs[s.run.name] = [r.run.name for r in states if r.run.experiment in points.get(s.run.experiment, ())]
+        by_experiment.setdefault(s.run.experiment, []).append(s.run.name)
+    needs: dict[str, list[str]] = {}
+    for s in states:  # by lookups, not pairs of runs: Table 2's study has 15,768
+        grid = study.grids.get(s.run.experiment)
+        needs[s.run.name] = [n for p, _, _ in grid.points for n in by_experiment.get(p, [])] if grid else []
         if s.init_from is not None:
             source = s.init_from.resolve()
-            owner = [name for name, folder in owners.items() if name != s.run.name and source.is_relative_to(folder)]
+            owner = [owners[f] for f in (source, *source.parents) if f in owners and owners[f] != s.run.name]
             if not owner and not s.init_from.is_file():
                 raise StudyError(f"{study.path}: {s.run.name} starts from {s.init_from} (model.init_from), which does not exist "
                                  f"and which none of the study's runs trains. Train that run first, or correct the path.")
@@ -92,21 +97,24 @@ def stages(study: Study, states: list[RunState]) -> list[list[RunState]]:
 
 def grid_scores(study: Study, experiment: str) -> dict:
     """The grid of ``experiment`` (appendix A.3): each point's last validation accuracy, in the target's measure, on
-    the held-out training images (None while it has not finished), and the point chosen: the best score, the first
-    on a tie."""
+    the held-out training images, per seed and averaged over the seeds (None while one has not finished), and the
+    point chosen: the best average, the first on a tie."""
     from lightning_modules.classifier import accuracy_tag
 
     from .transfer import run_measure, scalar_curves
 
     grid, points = study.grids[experiment], []
     for name, lr, decay in grid.points:
-        run = next(r for r in study.runs if r.experiment == name)
-        state = run_state(run)
-        curve = None
-        if state.state == "finished":
-            tag = accuracy_tag(run_measure(state.folder))
-            curve = scalar_curves(state.folder, [tag]).get(tag)
-        points.append({"point": name, "lr_per_256": lr, "weight_decay": decay, "held_out_accuracy": curve[-1][1] if curve else None})
+        per_seed = {}
+        for run in (r for r in study.runs if r.experiment == name):
+            state, curve = run_state(run), None
+            if state.state == "finished":
+                tag = accuracy_tag(run_measure(state.folder))
+                curve = scalar_curves(state.folder, [tag]).get(tag)
+            per_seed[run.seed] = curve[-1][1] if curve else None
+        done = None not in per_seed.values()
+        points.append({"point": name, "lr_per_256": lr, "weight_decay": decay, "per_seed": per_seed,
+                       "held_out_accuracy": float(np.mean(list(per_seed.values()))) if done else None})
     scored = [p for p in points if p["held_out_accuracy"] is not None]
     chosen = max(scored, key=lambda p: p["held_out_accuracy"])["point"] if len(scored) == len(points) else None
     return {"points": points, "chosen": chosen, "validation_split": grid.validation_split}
@@ -173,27 +181,34 @@ def run_locally(study: Study, timings: Optional[dict] = None, python: str = sys.
     return failed
 
 
-def submit_to_slurm(study: Study, sbatch_flags: list[str], analysis_flags: Optional[list[str]] = None) -> tuple[list[str], str]:
-    """Submit the study's unfinished runs as one array job per stage (``stages``), each waiting for the one before
-    (``--dependency=afterok``), and its analysis (``slurm/analyse.sbatch``) after the last; returns the array job
-    ids and the analysis job's. Each task runs as ``slurm/train.sbatch`` runs one experiment (N nodes x G GPUs,
-    requeued on preemption); the stage's runs are listed by name in ``<report>/slurm/<time>-stage<k>.runs``, the
-    task's line is its run, and its arguments are read when it starts (a refit takes its grid's choice then)."""
+def submit_to_slurm(study: Study, sbatch_flags: list[str], analysis_flags: Optional[list[str]] = None,
+                    max_array_size: int = 1000) -> tuple[list[str], str]:
+    """Submit the study's unfinished runs as array jobs stage by stage (``stages``), each stage waiting for every
+    array of the one before (``--dependency=afterok``), and its analysis (``slurm/analyse.sbatch``) after the last;
+    returns the array job ids and the analysis job's. A stage of more than ``max_array_size`` runs is split into
+    arrays of that many (SLURM's MaxArraySize is 1001 unless the cluster raises it). Each task runs as
+    ``slurm/train.sbatch`` runs one experiment (N nodes x G GPUs, requeued on preemption); an array's runs are
+    listed by name in ``<report>/slurm/<time>-stage<k>[-<part>].runs``, the task's line is its run, and its
+    arguments are read when it starts (a refit takes its grid's choice then)."""
     states = [run_state(r) for r in study.runs]
     listing = study.report / "slurm"
     listing.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     arrays: list[str] = []
+    before: list[str] = []  # the arrays of the last stage submitted
     for k, stage in enumerate(stages(study, states)):
         todo = [s.run.name for s in stage if s.state != "finished"]
-        if not todo:
-            continue
-        runs = listing / f"{stamp}-stage{k}.runs"
-        runs.write_text("".join(f"{name}\n" for name in todo))
-        after = [f"--dependency=afterok:{arrays[-1]}"] if arrays else []
-        arrays.append(_sbatch([f"--array=0-{len(todo) - 1}", *after, *sbatch_flags, str(REPO / "slurm" / "train.sbatch"),
-                               f"--study={study.path.resolve()}", f"--runs={runs.resolve()}"]))
-    after = [f"--dependency=afterok:{arrays[-1]}"] if arrays else []
+        parts = [todo[i:i + max_array_size] for i in range(0, len(todo), max_array_size)]
+        after = [f"--dependency=afterok:{':'.join(before)}"] if before and parts else []
+        submitted = []
+        for j, names in enumerate(parts):
+            runs = listing / f"{stamp}-stage{k}{f'-{j}' if len(parts) > 1 else ''}.runs"
+            runs.write_text("".join(f"{name}\n" for name in names))
+            submitted.append(_sbatch([f"--array=0-{len(names) - 1}", *after, *sbatch_flags, str(REPO / "slurm" / "train.sbatch"),
+                                      f"--study={study.path.resolve()}", f"--runs={runs.resolve()}"]))
+        arrays += submitted
+        before = submitted or before
+    after = [f"--dependency=afterok:{':'.join(before)}"] if before else []
     return arrays, _sbatch([*(analysis_flags or []), *after, str(REPO / "slurm" / "analyse.sbatch"), str(study.path.resolve())])
 
 

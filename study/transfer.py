@@ -303,7 +303,8 @@ def finetuning_record(name: str, experiment: str, seed: int, folder: Path) -> di
     measure = run_measure(folder)
     curves = scalar_curves(folder, (accuracy_tag(measure), "val/loss"))
     curve = {"accuracy": curves.get(accuracy_tag(measure), []), "loss": curves.get("val/loss", [])}
-    target = data.get("task") or Path(str(data.get("train_path") or data.get("train_root") or "target")).stem
+    # the task, or the training file's name as datamodules.convert writes it (<name>_train.beton: <name>)
+    target = data.get("task") or Path(str(data.get("train_path") or data.get("train_root") or "target")).stem.removesuffix("_train")
     return {"run": name, "experiment": experiment, "seed": seed, "kind": kind, "pretraining_epoch": epoch,
             "pretraining_objective": objective, "target": target, "measure": measure or "top1",
             "block_shuffle": data.get("block_shuffle"), "validation_split": data.get("validation_split"), "curve": curve}

@@ -110,7 +110,7 @@ def grid_lines(name: str, grid: dict) -> list[str]:
     by_lr = {lr: [p for p in grid["points"] if p["lr_per_256"] == lr] for lr in lrs}
     decays = [f"lr x wd = {p['weight_decay'] * p['lr_per_256']:.3g}" if p["weight_decay"] else "no decay" for p in by_lr[lrs[0]]]
     lines = [f"Hyper-parameters of {name} (appendix A.3): accuracy (%) on the {grid['validation_split']:.0%} of the training "
-             f"images held out, one seed; **bold**: chosen, then refit on all of them and tested above"
+             f"images held out, the mean over {_seeds(grid)}; **bold**: chosen, then refit on all of them and tested above"
              f"{'' if grid['chosen'] else ' (not yet: the grid has unfinished runs)'}.", "",
              "| lr_per_256 | " + " | ".join(decays) + " |", "|---|" + "---|" * len(decays)]
     for lr, points in by_lr.items():
@@ -118,6 +118,11 @@ def grid_lines(name: str, grid: dict) -> list[str]:
         cells = [f"**{c}**" if p["point"] == grid["chosen"] else c for c, p in zip(cells, points)]
         lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def _seeds(grid: dict) -> str:
+    n = len(grid["points"][0]["per_seed"])
+    return "one seed" if n == 1 else f"{n} seeds"
 
 
 def _from_checkpoints(groups: dict) -> list[tuple[int, str]]:

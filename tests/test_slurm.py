@@ -130,9 +130,10 @@ def test_a_rank_that_dies_fails_the_job_within_a_bounded_time(cluster, tmp_path,
 
 @pytest.mark.timeout(900)  # three stages one after another, then the analysis: ~4 min on 2 cores
 def test_a_study_is_array_jobs_in_stages_with_its_analysis_after(cluster, tmp_path, shapes_root):
-    """python -m study submit: pre-training, then fine-tuning from it and a grid, then the grid's refit, each stage an
-    array job waiting for the one before; every run's own overrides and seeds reach it, the refit takes the point
-    its grid chose when it starts, and the analysis (CKA on the Trainer under srun, the report) comes last."""
+    """python -m study submit: pre-training, then fine-tuning from it and a grid, then the grid's refit, each stage
+    array jobs (here of one task each, as a stage larger than the cluster's MaxArraySize is split) waiting for every
+    array of the stage before; every run's own overrides and seeds reach it, the refit takes the point its grid
+    chose when it starts, and the analysis (CKA on the Trainer under srun, the report) comes last."""
     root = tmp_path / "study"
     root.mkdir()
     spec = yaml.safe_load(transfer_study(root, shapes_root).read_text())
@@ -145,16 +146,20 @@ def test_a_study_is_array_jobs_in_stages_with_its_analysis_after(cluster, tmp_pa
     flags = ["--gpus-per-node=0", "--cpus-per-task=1", "--ntasks-per-node=1"]
     submitted = subprocess.run(
         [sys.executable, "-m", "study", "submit", str(study), f"--sbatch=[{', '.join(flags)}, --output={root}/slurm-%A_%a.out]",
-         f"--analysis_sbatch=[{', '.join(flags)}, --output={root}/slurm-analysis-%j.out]"],
+         f"--analysis_sbatch=[{', '.join(flags)}, --output={root}/slurm-analysis-%j.out]", "--max_array_size=1"],
         cwd=REPO, env={**cluster.env, "PYTHON_CMD": sys.executable}, capture_output=True, text=True, timeout=120,
     )
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     *arrays, analysis = (int(word) for word in submitted.stdout.replace(",", " ").replace(";", " ").split() if word.isdigit())
-    stages = [path.read_text().split() for path in sorted((root / "report" / "slurm").glob("*.runs"))]
-    assert stages == [["pretrain/seed0", "ri_t/seed1"], ["p_t_grid_lr0_wd0/seed0", "p_t_grid_lr1_wd0/seed0"], ["p_t/seed0"]]
-    assert len(arrays) == 3
-    for later, earlier in zip(arrays[1:] + [analysis], arrays):  # each waits for the stage before
-        assert f"afterok:{earlier}" in cluster.job(later).get("Dependency", ""), cluster.job(later)
+    listed = sorted((root / "report" / "slurm").glob("*.runs"))
+    assert [p.name.split("-stage")[1] for p in listed] == ["0-0.runs", "0-1.runs", "1-0.runs", "1-1.runs", "2.runs"]
+    stages = [path.read_text().split() for path in listed]
+    assert stages == [["pretrain/seed0"], ["ri_t/seed1"], ["p_t_grid_lr0_wd0/seed0"], ["p_t_grid_lr1_wd0/seed0"], ["p_t/seed0"]]
+    assert len(arrays) == 5
+    waits = {arrays[2]: arrays[:2], arrays[3]: arrays[:2], arrays[4]: arrays[2:4], analysis: arrays[4:]}
+    for later, earlier in waits.items():  # each waits for every array of the stage before
+        dependency = cluster.job(later).get("Dependency", "")  # afterok:<id>_*(unfulfilled),afterok:<id>_*(...)
+        assert all(f"afterok:{e}_" in dependency or f"afterok:{e}(" in dependency for e in earlier), dependency
     for array, runs in zip(arrays, stages):
         for task in range(len(runs)):
             finished(cluster, f"{array}_{task}", root)

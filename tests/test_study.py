@@ -72,6 +72,44 @@ def test_a_study_names_its_problems_before_any_run_starts(tmp_path, shapes_root)
             Study.load(study_file(tmp_path, [good], extra=f"transfer: {transfer}\n"))
 
 
+def test_seed_in_an_override_is_the_runs_seed_and_a_grid_trains_every_seed(tmp_path, shapes_root):
+    """Appendix A.3: fine-tuning seed k from pre-training seed k ({seed}), every grid point from each of them."""
+    good = experiment_config(tmp_path, shapes_root, "softmax", "Softmax")
+    start = "--model.init_from=" + str(tmp_path / "pre" / "seed{seed}" / "last.ckpt")
+    entry = (f'- {{name: ft, config: {good}, seeds: [0, 2], overrides: ["{start}"], '
+             f'grid: {{lr_per_256: [0.1, 0.2], lr_times_weight_decay: [null, 1.0e-5]}}}}\n')
+    study = Study.load(_with_experiment(study_file(tmp_path, [good]), entry))
+    grid = [r for r in study.runs if r.experiment.startswith("ft_grid")]
+    assert [r.name for r in grid] == [f"ft_grid_lr{i}_wd{j}/seed{s}" for i in (0, 1) for j in (0, 1) for s in (0, 2)]
+    for run in [*grid, study.run("ft/seed0"), study.run("ft/seed2")]:
+        assert f"--model.init_from={tmp_path / 'pre' / f'seed{run.seed}' / 'last.ckpt'}" in run.overrides
+    assert [r.name for r in study.runs if r.experiment == "softmax"] == ["softmax/seed0"]
+    assert {"--model.lr_per_256=0.2", f"--model.weight_decay={1e-5 / 0.2}"} <= set(study.run("ft_grid_lr1_wd1/seed2").overrides)
+    with pytest.raises(StudyError, match=r"grid holds values that are not numbers.*write 1.0e-5"):
+        Study.load(_with_experiment(study_file(tmp_path, [good]),
+                                    f"- {{name: ft, config: {good}, grid: {{lr_per_256: [1e-5]}}}}\n"))
+
+
+def test_a_study_parses_each_run_as_cli_fit_would_with_one_parser(tmp_path, shapes_root):
+    """fit_config reuses its parser: each run's config must be what a parser of its own gives, nothing carried over."""
+    good = experiment_config(tmp_path, shapes_root, "softmax", "Softmax")
+    sigmoid = experiment_config(tmp_path, shapes_root, "sigmoid", "Sigmoid")
+    runs = [["--config", str(good), "--seed_everything=3", f"--trainer.default_root_dir={tmp_path / 'elsewhere'}",
+             "--model.lr_per_256=0.5"],
+            ["--config", str(good), "--seed_everything=1"],
+            ["--config", str(sigmoid), "--seed_everything=true", "--trainer.logger.init_args.version=named"],
+            ["--config", str(good), "--seed_everything=1"]]
+    parsed = [cli.fit_config(args) for args in runs]  # compared after all of them: none changed by a later parse
+    for args, config in zip(runs, parsed):
+        fresh = cli._ParseOnly(cli.ObjectiveClassifier, cli.ImageClassificationData, subclass_mode_data=True,
+                               trainer_defaults=cli.trainer_defaults(), args=args, run=False).config.as_dict()
+        got = config.as_dict()
+        if args[2] == "--seed_everything=true":  # drawn at random by each parse
+            assert isinstance(got.pop("seed_everything"), int) and isinstance(fresh.pop("seed_everything"), int)
+        assert got == fresh
+    assert cli.run_folder(cli.fit_config(runs[1])) == tmp_path / "runs" / "softmax" / "seed1"
+
+
 def test_runs_come_in_stages_after_the_runs_they_start_from(tmp_path, monkeypatch):
     """Fine-tuning after the pre-training run whose checkpoint it starts from, a refit after its grid: the order of
     ``study run`` and the array jobs of ``study submit``. A start that nothing trains and no file holds is an error
@@ -81,8 +119,8 @@ def test_runs_come_in_stages_after_the_runs_they_start_from(tmp_path, monkeypatc
     ordered = [[s.run.name for s in stage] for stage in stages(study, [run_state(r) for r in study.runs])]
     assert ordered[0] == ["pretrain/seed0", "ri_t/seed0", "ri_t/seed1", "ri_t_block1/seed0", "ri_t_block4/seed0",
                           "ri_t_block8/seed0"]
-    assert ordered[1][:4] == [f"p_t_grid_lr{i}_wd{j}/seed0" for i in (0, 1) for j in (0, 1)]
-    assert {n.split("/")[0] for n in ordered[1][4:]} == {f"p_t_epoch{e}" for e in range(4)} | {f"p_t_block{b}" for b in (1, 4, 8)}
+    assert ordered[1][:8] == [f"p_t_grid_lr{i}_wd{j}/seed{s}" for i in (0, 1) for j in (0, 1) for s in (0, 1)]
+    assert {n.split("/")[0] for n in ordered[1][8:]} == {f"p_t_epoch{e}" for e in range(4)} | {f"p_t_block{b}" for b in (1, 4, 8)}
     assert ordered[2] == ["p_t/seed0", "p_t/seed1"]
     spec = yaml.safe_load(Path("configs/studies/transfer.yaml").read_text())
     spec["experiments"] = spec["experiments"][2:3]  # ri_t alone, fine-tuning from a checkpoint nothing trains
@@ -208,9 +246,12 @@ def test_every_study_that_comes_with_the_code_loads(path, monkeypatch):
     monkeypatch.chdir(REPO)  # a study's paths are relative to the repository root
     study = Study.load(path)
     assert len(study.runs) >= len(study.experiments) >= 2
-    folders = [run_state(run).folder for run in study.runs]
+    points = {p for grid in study.grids.values() for p, _, _ in grid.points}
+    first = next(iter(study.grids), None)  # of a study with grids (Table 2's: 15,768 runs), the runs of one grid
+    runs = [r for r in study.runs if r.experiment not in points or r.experiment.startswith(f"{first}_grid_")]
+    folders = [run_state(run).folder for run in runs]
     assert len(set(folders)) == len(folders)  # every run in a folder of its own
-    assert all(folder.parts[-1] == f"seed{run.seed}" for folder, run in zip(folders, study.runs))
+    assert all(folder.parts[-1] == f"seed{run.seed}" for folder, run in zip(folders, runs))
 
 
 def test_every_embedded_experiment_builds_with_its_objective():

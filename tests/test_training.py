@@ -71,8 +71,11 @@ def test_quickstart_trains_and_the_loss_falls(tmp_path, shapes_root):
 
 @pytest.mark.parametrize("name", sorted(objective_classes()))
 def test_every_objective_trains_a_few_steps_with_finite_logs(tmp_path, shapes_root, name):
+    # The penultimate measurements see each objective's own parts (class weights, probability kind); the probes
+    # and per-block R² do not, and are tested once elsewhere.
+    penultimate = "[{class_path: callbacks.RepresentationMeasurements, init_args: {layers: penultimate}}]"
     run = fit(tmp_path, shapes_root, f"--model.objective={name}", "--trainer.limit_train_batches=3",
-              "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1")
+              "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1", f"--trainer.callbacks={penultimate}")
     metrics = run.trainer.logged_metrics
     for tag in ("train/loss", "val/loss", "val/acc1", "lr"):
         assert math.isfinite(float(metrics[tag])), (tag, metrics)
@@ -272,7 +275,8 @@ def test_measurements_do_not_depend_on_the_number_of_processes(tmp_path, shapes_
 
 
 IMAGENET_EXPERIMENTS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs" / "imagenet").rglob("*.yaml")
-                              if p.name not in ("data.yaml", "data_folders.yaml", "data_holdout.yaml", "measurements.yaml"))
+                              if p.name not in ("data.yaml", "data_folders.yaml", "data_holdout.yaml", "measurements.yaml",
+                                                "finetune.yaml"))
 
 
 @pytest.mark.parametrize("config", IMAGENET_EXPERIMENTS)
@@ -282,6 +286,19 @@ def test_every_imagenet_config_builds(config):
     assert built.model.hparams.num_classes == 1000 and built.model.hparams.global_batch_size == 4096
     assert type(built.datamodule).__name__ == "FFCVImageDataModule"
     assert "RepresentationMeasurements" in [type(c).__name__ for c in built.trainer.callbacks]
+
+
+def test_the_imagenet_fine_tuning_config_is_appendix_a3s_recipe(tmp_path):
+    # Built as `fit` would (the checkpoint is read at the start of fit), the target's classes and measure given
+    # as its (absent) sidecar would give them.
+    (tmp_path / "last.ckpt").touch()
+    built = cli.main(["--config", str(REPO / "configs/imagenet/finetune.yaml"), "--data.init_args.num_classes=37",
+                      "--data.init_args.measure=mean_per_class", f"--model.init_from={tmp_path / 'last.ckpt'}"], run=False)
+    hp = built.model.hparams
+    assert (hp.num_classes, hp.measure, hp.global_batch_size, hp.backbone) == (37, "mean_per_class", 256, "resnet50")
+    assert (hp.lr_schedule, hp.momentum, hp.nesterov, hp.warmup_epochs, hp.ema_decay) == ("cosine", 0.9, False, 0, None)
+    assert built.model.fine_tunes and built.trainer.max_steps == 20_000
+    assert built.datamodule.crop_scale == (0.08, 1.0) and built.datamodule.image_size == 224
 
 
 def test_the_torchvision_fallback_replaces_ffcv_with_one_flag():
