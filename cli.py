@@ -60,31 +60,36 @@ class _ParseOnly(TransferStudyCLI):
         pass
 
 
+def parse_only(args: list[str]) -> _ParseOnly:
+    """A new parser, ``args`` parsed by it as ``fit`` would parse them, its run named (``.config``)."""
+    return _ParseOnly(ObjectiveClassifier, ImageClassificationData, subclass_mode_data=True,
+                      trainer_defaults=trainer_defaults(), args=args, run=False)
+
+
 def fit_config(args: list[str]):
     """The config ``cli.py fit <args>`` would run (a jsonargparse Namespace), its run named, found without
     building the model, the data or the trainer: the study's sweep reads it to skip finished runs. One parser
     per process, built on the first call: building it costs twice what a parse does, and a study parses every
     run (Table 2's A.3 grid: 15,768)."""
-    global _parse_only
+    global _kept_parser
     seed_log = logging.getLogger("lightning.fabric.utilities.seed")  # "Seed set to k", once per parsed run
     level = seed_log.level
     seed_log.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():  # LightningCLI's warning that args came with a command line: the study's
             warnings.simplefilter("ignore")
-            if _parse_only is None:
-                _parse_only = _ParseOnly(ObjectiveClassifier, ImageClassificationData, subclass_mode_data=True,
-                                         trainer_defaults=trainer_defaults(), args=args, run=False)
+            if _kept_parser is None:
+                _kept_parser = parse_only(args)
             else:
-                _parse_only.parse_arguments(_parse_only.parser, args)  # then as LightningCLI.__init__ goes on
-                _parse_only._set_seed()
-                _parse_only.before_instantiate_classes()
-            return _parse_only.config
+                _kept_parser.parse_arguments(_kept_parser.parser, args)  # then as LightningCLI.__init__ goes on
+                _kept_parser._set_seed()
+                _kept_parser.before_instantiate_classes()
+            return _kept_parser.config
     finally:
         seed_log.setLevel(level)
 
 
-_parse_only: Optional[_ParseOnly] = None
+_kept_parser: Optional[_ParseOnly] = None
 
 
 def run_folder(config) -> Path:

@@ -32,8 +32,7 @@ def fresh_parser_config(args: list[str]):
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # as fit_config does
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return cli._ParseOnly(cli.ObjectiveClassifier, cli.ImageClassificationData, subclass_mode_data=True,
-                              trainer_defaults=cli.trainer_defaults(), args=args, run=False).config
+        return cli.parse_only(args).config
 
 
 def main() -> None:

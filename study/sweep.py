@@ -104,9 +104,11 @@ def grid_scores(study: Study, experiment: str) -> dict:
     from .transfer import run_measure, scalar_curves
 
     grid, points = study.grids[experiment], []
+    names = {p for p, _, _ in grid.points}
+    runs = [r for r in study.runs if r.experiment in names]  # one pass over the study's runs, not one per point
     for name, lr, decay in grid.points:
         per_seed = {}
-        for run in (r for r in study.runs if r.experiment == name):
+        for run in (r for r in runs if r.experiment == name):
             state, curve = run_state(run), None
             if state.state == "finished":
                 tag = accuracy_tag(run_measure(state.folder))

@@ -101,8 +101,7 @@ def test_a_study_parses_each_run_as_cli_fit_would_with_one_parser(tmp_path, shap
             ["--config", str(good), "--seed_everything=1"]]
     parsed = [cli.fit_config(args) for args in runs]  # compared after all of them: none changed by a later parse
     for args, config in zip(runs, parsed):
-        fresh = cli._ParseOnly(cli.ObjectiveClassifier, cli.ImageClassificationData, subclass_mode_data=True,
-                               trainer_defaults=cli.trainer_defaults(), args=args, run=False).config.as_dict()
+        fresh = cli.parse_only(args).config.as_dict()
         got = config.as_dict()
         if args[2] == "--seed_everything=true":  # drawn at random by each parse
             assert isinstance(got.pop("seed_everything"), int) and isinstance(fresh.pop("seed_everything"), int)
