@@ -6,10 +6,16 @@ block's final ReLU) and penultimate features are reduced to Gram matrices inside
 in-place ReLU later in the network cannot change what was captured, and no activations are held), each
 computed once per batch and shared by every comparison that needs it (``measurements.MinibatchCKA``).
 
-The images are cut into fixed batches of ``batch_size`` consecutive validation images, and process r of W
-takes batches r, r + W, ...: every batch is whole on one process and the metrics' sums are the same for any
-number of processes (the minibatch estimate depends on how the images are batched, so that must not
-change with the GPU count). ``Trainer.validate`` runs the pass, so the same command uses N GPUs or SLURM.
+Which images, in which order: a seeded draw (``pass_images``), class-balanced where it takes a subset and in
+random order, from the labels and the seed alone. Converted data sets are written class by class, so "the first
+N images" of ImageNet val would be 30 classes per 1,500, and consecutive minibatches would each hold one or two
+classes (a minibatch CKA of 0.51 where shuffled batches give 0.29). With ``epochs`` > 1 the pass reads the images
+that many times, each time in a fresh random order (the paper processed ImageNet val 10 times). Each epoch's
+order is cut into batches of ``batch_size``, and process r of W takes batches r, r + W, ...: every batch is whole
+on one process and the metrics' sums are the same for any number of processes (the minibatch estimate depends on
+how the images are batched, so that must not change with the GPU count). ``Trainer.validate`` runs the pass, so
+the same command uses N GPUs or SLURM. What was read (seed, epochs, images, classes, a digest of the order) is
+recorded with the results.
 
 A run is named by its folder (``last.ckpt``'s evaluated weights: the EMA when on) or a ``.ckpt`` file;
 ``<ref>@untrained`` is the same architecture freshly initialised, with its batch-norm moments computed on
@@ -18,6 +24,7 @@ training images (the paper's second control in Figure 2).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +39,8 @@ from jsonargparse import ArgumentParser
 from lightning_modules import ObjectiveClassifier
 from measurements import MinibatchCKA, PredictionAgreement, gram
 
-__all__ = ["Comparison", "ComparisonError", "FixedImages", "compare", "load_network", "pass_trainer", "recompute_batch_norm"]
+__all__ = ["Comparison", "ComparisonError", "FixedImages", "compare", "load_network", "pass_images", "pass_trainer",
+           "recompute_batch_norm"]
 
 PENULTIMATE = "penultimate"
 UNTRAINED = "@untrained"
@@ -85,11 +93,16 @@ def load_network(name: str, ref: str, seed: int = 0) -> Loaded:
 
 
 def data_module_of(run: Path):
-    """The run's data module, built from the ``data`` section of its config.yaml."""
+    """The run's data module, built from the ``data`` section of its config.yaml, with the run's seed where the data
+    names none (as in the run itself: the block-shuffle permutation is the run's, not this process's)."""
     config = run / "config.yaml"
     if not config.is_file():
         raise ComparisonError(f"{run} has no config.yaml to take the data from; pass the data config explicitly.")
-    return instantiate_data(yaml.safe_load(config.read_text())["data"])
+    saved = yaml.safe_load(config.read_text())
+    data = saved["data"]
+    if (data.get("init_args") or {}).get("seed") is None:
+        data = {**data, "init_args": {**(data.get("init_args") or {}), "seed": saved.get("seed_everything") or 0}}
+    return instantiate_data(data)
 
 
 def instantiate_data(data: dict):
@@ -159,8 +172,8 @@ class Comparison(L.LightningModule):
             if loaded.untrained:  # the same images on every process, so every process gets the same moments
                 recompute_batch_norm(loaded.module.eval_network, self.trainer.datamodule.training_images(self.bn_images))
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        images, labels = batch
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch  # every epoch's loader alike
         grams, predictions = {}, {}
         for name, loaded in self.loaded.items():
             grams[name], logits = self._forward(loaded, images)
@@ -205,63 +218,102 @@ class Comparison(L.LightningModule):
                                      for (a, b), metric in zip(self.agreement_pairs, self.agreement)]
 
 
-def fixed_batches(num_images: int, batch_size: int, rank: int, world_size: int) -> np.ndarray:
-    """This process's images: batches of ``batch_size`` consecutive indices, r, r + W, ... (module docstring)."""
-    starts = np.arange(0, num_images, batch_size)[rank::world_size]
-    return np.concatenate([np.arange(s, min(s + batch_size, num_images)) for s in starts]) if len(starts) else np.zeros(0, int)
+def pass_images(labels: np.ndarray, count: Optional[int], seed: int, epochs: int = 1) -> list[np.ndarray]:
+    """The images a pass reads, one index array per epoch: ``count`` images (all when None) drawn class-balanced
+    (each class gives floor(count / K) or one more, fewer only when it has fewer; uniformly within the class; which
+    classes give one more is random too), then each epoch a fresh random order of them. A function of the labels,
+    ``count``, ``seed`` and ``epochs`` only, so every process and every run computes the same."""
+    if epochs < 1:
+        raise ComparisonError(f"epochs={epochs}: a pass reads its images at least once.")
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    if count is None or count >= n:
+        chosen = np.arange(n)
+    else:
+        classes, label_of = np.unique(labels, return_inverse=True)
+        perm = rng.permutation(n)  # random order within each class, then grouped by class
+        grouped = perm[np.argsort(label_of[perm], kind="stable")]
+        sizes = np.bincount(label_of, minlength=len(classes))
+        rank = np.empty(n, dtype=np.int64)  # an image's place within its class's random order
+        rank[grouped] = np.arange(n) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        priority = rng.permutation(len(classes))[label_of]  # which class's k-th image comes first in round k
+        chosen = np.sort(np.lexsort((priority, rank))[:count])
+    return [chosen[np.random.default_rng([seed, epoch]).permutation(len(chosen))] for epoch in range(epochs)]
+
+
+def fixed_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int) -> np.ndarray:
+    """This process's share of ``order``: its batches of ``batch_size`` consecutive entries r, r + W, ... (module
+    docstring)."""
+    starts = np.arange(0, len(order), batch_size)[rank::world_size]
+    return np.concatenate([order[s:s + batch_size] for s in starts]) if len(starts) else np.zeros(0, int)
 
 
 class FixedImages(L.LightningDataModule):
-    """Fixed, un-augmented images of a run's data module for ``Trainer.validate``: the first ``images`` of each of
-    ``sources`` ("val", "train"; one dataloader each, in that order) in ``fixed_batches``; and the training images
-    batch-norm moments are computed on.
+    """Fixed, un-augmented images of a run's data module for ``Trainer.validate``: ``images`` of each of ``sources``
+    ("val", "train") drawn by ``pass_images``, read ``epochs`` times in fixed batches (one dataloader per source and
+    epoch, in that order: dataloader k is source k // epochs); and the training images batch-norm moments are
+    computed on, drawn the same way.
 
     Args:
+        seed: seed of the draw and of the orders.
+        epochs: passes over the images, each in a fresh order.
         min_last_batch: refuse a last batch smaller than this (unbiased HSIC needs more than 3 images).
     """
 
     def __init__(self, data, batch_size: int, images: Optional[int], sources: tuple[str, ...] = ("val",),
-                 min_last_batch: int = 1):
+                 min_last_batch: int = 1, seed: int = 0, epochs: int = 1):
         super().__init__()
         self.data, self.batch_size, self.images = data, batch_size, images
-        self.sources, self.min_last_batch = sources, min_last_batch
+        self.sources, self.min_last_batch, self.seed, self.epochs = sources, min_last_batch, seed, epochs
 
     def setup(self, stage: str) -> None:
         self.data.trainer = self.trainer
         self.data.setup("validate")
         self.data.batch_size_per_process = self.batch_size  # the pass's own batches, not training's
-        self.counts = {}
+        self.orders = {}
         for source in self.sources:
-            total = len(self.data.labels(source))
-            count = total if self.images is None else min(self.images, total)
+            self.orders[source] = pass_images(self.data.labels(source), self.images, self.seed, self.epochs)
+            count = len(self.orders[source][0])
             if 0 < count % self.batch_size < self.min_last_batch:
                 raise ComparisonError(f"{count} {source} images in batches of {self.batch_size} leave a last batch of "
                                       f"{count % self.batch_size}: unbiased HSIC needs more than 3 (it divides by n(n-3)); "
                                       f"choose images or batch_size so that the last batch is full or larger.")
-            self.counts[source] = count
 
     def val_dataloader(self):
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        loaders = [self.data.evaluation_dataloader(source, fixed_batches(count, self.batch_size, rank, world), local=True)
-                   for source, count in self.counts.items()]
+        loaders = [self.data.evaluation_dataloader(source, fixed_batches(order, self.batch_size, rank, world), local=True)
+                   for source, orders in self.orders.items() for order in orders]
         return loaders[0] if len(loaders) == 1 else loaders
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         return self.data.on_after_batch_transfer(batch, dataloader_idx)
 
     def training_images(self, count: int):
-        """The first ``count`` training images (un-augmented, normalised, on the device), the same on every process."""
+        """``count`` training images drawn as the pass's are (un-augmented, normalised, on the device), the same
+        on every process."""
         labels, device = self.data.labels("train"), self.trainer.strategy.root_device
-        for batch in self.data.evaluation_dataloader("train", np.arange(min(count, len(labels))), local=True):
+        for batch in self.data.evaluation_dataloader("train", pass_images(labels, count, self.seed)[0], local=True):
             yield self.data.on_after_batch_transfer([t.to(device) for t in batch], 0)[0]
+
+    def record(self) -> dict:
+        """What the pass read, for its results: the seed, the epochs, and per source the images, the classes among
+        them and a digest of the orders (equal digests: the same images in the same order)."""
+        found = {"seed": self.seed, "epochs": self.epochs}
+        for source, orders in self.orders.items():
+            labels = self.data.labels(source)
+            found[source] = {"images": len(orders[0]), "classes": int(len(np.unique(labels[orders[0]]))),
+                             "sha256": hashlib.sha256(np.concatenate(orders).astype(np.int64).tobytes()).hexdigest()}
+        return found
 
 
 def compare(networks: dict[str, str], pairs: list[tuple[str, str]] = (), matrix: list[str] = (),
             matrix_layer: Optional[str] = PENULTIMATE, agreement: bool = False, data=None, batch_size: int = 250,
-            images: Optional[int] = None, bn_images: int = 2000, seed: int = 0, trainer: Optional[L.Trainer] = None) -> dict:
+            images: Optional[int] = None, bn_images: int = 2000, seed: int = 0, epochs: int = 1,
+            trainer: Optional[L.Trainer] = None) -> dict:
     """CKA (``pairs``: block x block; ``matrix``: ``matrix_layer`` between every two) and prediction agreement
-    of ``networks`` ({name: run folder or .ckpt, optionally @untrained}) on the validation images of ``data``
-    (the first network's run's data module by default); returns the results (on every process)."""
+    of ``networks`` ({name: run folder or .ckpt, optionally @untrained}) on ``images`` validation images of ``data``
+    (the first network's run's data module by default) drawn by ``pass_images`` from ``seed``, read ``epochs``
+    times; returns the results (on every process), with what was read under ``images``."""
     if batch_size < 4:
         raise ComparisonError(f"batch_size {batch_size}: unbiased HSIC needs more than 3 images per batch (it divides by n(n-3)).")
     loaded = [load_network(name, ref, seed) for name, ref in networks.items()]
@@ -271,11 +323,11 @@ def compare(networks: dict[str, str], pairs: list[tuple[str, str]] = (), matrix:
                               f"{', '.join(loaded[0].layers)}.")
     if data is None:
         data = data_module_of(run_folder_of(loaded[0].source))
-    images_module = FixedImages(data, batch_size, images, min_last_batch=4)
+    images_module = FixedImages(data, batch_size, images, min_last_batch=4, seed=seed, epochs=epochs)
     trainer = trainer or pass_trainer()
     module = Comparison(loaded, list(pairs), matrix_layer, list(matrix), agreement, bn_images)
     trainer.validate(module, datamodule=images_module, verbose=False)
-    return module.results
+    return {**module.results, "images": images_module.record()}
 
 
 def pass_trainer(accelerator: str = "auto", devices: str = "auto", num_nodes: int = 1) -> L.Trainer:
