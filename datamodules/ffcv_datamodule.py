@@ -76,7 +76,7 @@ class FFCVImageDataModule(ImageClassificationData):
         from .seeded_augmentation import SeededHorizontalFlip, SeededRandomResizedCrop
 
         size = (self.image_size, self.image_size)
-        if train:  # crops and flips drawn from (seed, batch, image), not from FFCV's per-thread generators
+        if train and self.augment:  # crops and flips drawn from (seed, batch, image), not from FFCV's per-thread generators
             decoder = SeededRandomResizedCrop(size, scale=self.crop_scale, ratio=self.crop_ratio, seed=self.seed)
             decode = [decoder, SeededHorizontalFlip(self.seed)] if self.flip else [decoder]
         else:
@@ -107,7 +107,7 @@ class FFCVImageDataModule(ImageClassificationData):
         def before_epoch(epoch: int, skip: int) -> None:
             set_ffcv_epoch(loader, epoch)
             order.skip = skip
-            if train:  # FFCV sizes its buffers at the start of every pass
+            if train and self.augment:  # FFCV sizes its buffers at the start of every pass
                 res = self.train_resolution(epoch)
                 decoder.output_size = (res, res)
 

@@ -99,7 +99,7 @@ class ImageFolderDataModule(ImageClassificationData):
                 crop_ratio: Optional[float] = None, local: bool = False) -> EpochAlignedLoader:
         from torchvision.transforms import v2
 
-        if train:
+        if train and self.augment:
             crop = v2.RandomResizedCrop(self.image_size, scale=self.crop_scale, ratio=self.crop_ratio, antialias=True)
             steps = [crop, v2.RandomHorizontalFlip()] if self.flip else [crop]
         else:
@@ -124,7 +124,7 @@ class ImageFolderDataModule(ImageClassificationData):
 
         def before_epoch(epoch: int, skip: int) -> None:
             sampler.epoch, sampler.skip = epoch, skip
-            if train:
+            if train and self.augment:
                 crop.size = (self.train_resolution(epoch),) * 2
 
         return EpochAlignedLoader(loader, self, before_epoch, train)

@@ -123,6 +123,8 @@ class ImageClassificationData(L.LightningDataModule):
         block_shuffle: cut every image into square blocks of this many pixels and permute them with one
             permutation, the same for every image, train and test alike, drawn from the run's seed
             (Neyshabur et al. 2020, section 3.1); a divisor of ``image_size``. None: images as they are.
+        augment: train on random-resized crops and flips (True) or on the evaluation crop (False); by default on,
+            except for block-shuffled images, which the authors trained without augmentation.
         measure: the task's accuracy measure (Table A.2): "top1", or "mean_per_class" (Pets, Flowers); by
             default the one its files record (the sidecar ``datamodules.convert`` writes), None if they record
             none. Validation reports it (``ObjectiveClassifier``); a fine-tuning target must have one.
@@ -145,6 +147,7 @@ class ImageClassificationData(L.LightningDataModule):
         holdout_path: Optional[str] = None,
         validation_split: Optional[float] = None,
         block_shuffle: Optional[int] = None,
+        augment: Optional[bool] = None,
         measure: Optional[Literal["top1", "mean_per_class"]] = None,
     ):
         super().__init__()
@@ -176,6 +179,10 @@ class ImageClassificationData(L.LightningDataModule):
         self.holdout_path = holdout_path
         self.validation_split = validation_split
         self.block_shuffle = block_shuffle
+        self.augment = block_shuffle is None if augment is None else augment
+        if progressive_resolution is not None and not self.augment:
+            raise ValueError("progressive_resolution schedules the size of the training crop; without augmentation "
+                             "(augment=false, the default with block_shuffle) there is none: set augment=true or drop it.")
         self._measure = None if measure is None else check_measure(measure)
         self._held_out: Optional[tuple[np.ndarray, np.ndarray]] = None
         self._permutations: dict[tuple[int, torch.device], Tensor] = {}  # drawn once per size and device, not per batch

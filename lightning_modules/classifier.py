@@ -69,6 +69,21 @@ class Network(nn.Module):
             parts[part].append(name)
         return {part: names for part, names in parts.items() if names}
 
+    def layers(self) -> dict[str, list[str]]:
+        """The network's parameters by layer, in registration order: each convolution or linear layer with the
+        batch norm that follows it (named by the convolution, ``head`` for the head); the modules of module
+        criticality in Chatterji et al. (2020) and Neyshabur et al. (2020). A parameter of any other module
+        joins the layer before it."""
+        layers: dict[str, list[str]] = {}
+        current = None
+        for name, module in self.named_modules():
+            own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) or current is None:
+                current = name.removeprefix("backbone.") or "input"
+                layers.setdefault(current, [])
+            layers[current] += own
+        return {layer: names for layer, names in layers.items() if names}
+
 
 def warmup_exponential_decay(step: int, steps_per_epoch: int, warmup_epochs: float, decay_per_epoch: float) -> float:
     """Learning-rate factor of appendix A.1: linear warm-up to 1 over ``warmup_epochs`` (per step), then
@@ -120,6 +135,8 @@ class ObjectiveClassifier(L.LightningModule):
         momentum: SGD momentum.
         nesterov: use Nesterov momentum.
         weight_decay: L2 on conv and linear weights (not batch-norm parameters, not biases).
+        lr_times_weight_decay: appendix A.3's parametrisation of the decay: when given, the weight decay is this
+            divided by the peak lr (the actual one, at this batch size), in place of ``weight_decay``; 0: none.
         warmup_epochs: epochs of linear warm-up to the peak lr.
         lr_decay_per_epoch: factor applied to the lr once per epoch after warm-up (0.985 in appendix C.6).
         ema_decay: EMA momentum per step at ``ema_reference_batch``; None disables the EMA. With another
@@ -156,6 +173,7 @@ class ObjectiveClassifier(L.LightningModule):
         momentum: float = 0.9,
         nesterov: bool = True,
         weight_decay: float = 8e-5,
+        lr_times_weight_decay: Optional[float] = None,
         warmup_epochs: float = 10.0,
         lr_decay_per_epoch: float = 0.975,
         ema_decay: Optional[float] = 0.9999,
@@ -301,8 +319,9 @@ class ObjectiveClassifier(L.LightningModule):
         for param in self.network.parameters():
             (decay if param.ndim > 1 else no_decay).append(param)  # conv/linear weights vs BN and biases
         peak_lr = hp.lr_per_256 * hp.global_batch_size / 256
+        weight_decay = hp.weight_decay if hp.get("lr_times_weight_decay") is None else hp.lr_times_weight_decay / peak_lr
         optimizer = torch.optim.SGD(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=peak_lr,
             momentum=hp.momentum,
             nesterov=hp.nesterov,

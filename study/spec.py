@@ -12,9 +12,10 @@
         - [softmax/seed0, softmax/seed1]          # control: two seeds of one objective
         - [softmax/seed0, softmax/seed0@untrained]  # control: an untrained network, BN moments of training images
       layer: penultimate    # the objective x objective matrix of this layer's CKA (Figure 2b); null: none
-      seed: 0               # ... between the experiments' runs of this seed
-      batch_size: 250       # images per CKA minibatch (the paper: 1,500)
-      images: null          # the first this many validation images (all by default)
+      seed: 0               # ... rows: the experiments' runs of this seed; columns: those of the study's next seed
+      batch_size: 250       # images per CKA minibatch (the paper: 1,500), random samples of validation
+      images: null          # this many validation images, class-balanced (all by default)
+      epochs: 1             # passes over them, each in a fresh random order (the paper: 10)
     agreement: true         # prediction agreement between the matrix's runs (Figure C.4)
 
 An experiment may also be a variant of a config: ``{name: ri_t, config: configs/transfer/finetune.yaml,
@@ -72,7 +73,8 @@ class CKAPlan:
     layer: Optional[str] = "penultimate"
     seed: int = 0
     batch_size: int = 250  # images per minibatch (the paper: 1,500)
-    images: Optional[int] = None  # the first this many validation images; all by default
+    images: Optional[int] = None  # this many validation images, class-balanced (compare.pass_images); all by default
+    epochs: int = 1  # passes over them, each in a fresh random order (the paper: 10)
 
 
 @dataclass(frozen=True)
@@ -81,31 +83,37 @@ class GridPlan:
     training images less a held-out ``validation_split``, once per seed of the experiment (A.3: from each of the
     3 pre-trained networks); the point of best held-out accuracy averaged over the seeds chosen; then the
     experiment itself refit with it on all of the training images and tested. ``lr_times_weight_decay`` is A.3's
-    grid variable (weight_decay = value / lr; None: no decay)."""
+    grid variable (``model.lr_times_weight_decay``: the decay is value / the run's actual peak lr; None: no decay)."""
 
     lr_per_256: tuple[float, ...]
     lr_times_weight_decay: tuple[Optional[float], ...] = (None,)
     validation_split: float = 0.2
-    points: tuple[tuple[str, float, float], ...] = ()  # (grid experiment, lr_per_256, weight_decay)
+    points: tuple[tuple[str, float, float], ...] = ()  # (grid experiment, lr_per_256, lr_times_weight_decay)
 
 
 @dataclass(frozen=True)
 class TransferPlan:
     """What is transferred (``study/transfer.py``): loss and error barriers between ``pairs`` of runs along
     ``lambdas`` (batch-norm moments recomputed on ``bn_images`` training images, and, to show the difference,
-    interpolated), parameter distances of the same pairs, and the module criticality of ``criticality`` runs
-    against their starting weights, on the first ``images`` training and test images."""
+    interpolated; 95 % bootstrap intervals from ``resamples`` resamples of the images), parameter distances of the
+    same pairs, and the module criticality of ``criticality`` runs against their starting weights (``modules``:
+    layers or blocks; admissible by train ``error`` within ``epsilon`` of the final's, or by ``loss``), on
+    ``images`` training and test images drawn class-balanced from ``seed``, which also seeds the noise."""
 
     pairs: tuple[tuple[str, str], ...] = ()
-    lambdas: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(-5, 16))  # [-0.5, 1.5] in steps of 0.1
+    lambdas: tuple[float, ...] = tuple(round(0.02 * i, 2) for i in range(51))  # 51 points in [0, 1], as the authors' 50
     criticality: tuple[str, ...] = ()
     alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
     sigmas: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
-    draws: int = 3
+    draws: int = 10  # as the reference code
     epsilon: float = 0.01
+    admissible: str = "error"
+    modules: str = "layers"
     images: int = 1000
     bn_images: int = 2000
     batch_size: int = 250
+    resamples: int = 1000
+    seed: int = 0
 
 
 @dataclass
@@ -159,7 +167,7 @@ class Study:
                     grid = _grid(path, name, config, entry["grid"], variants[name])
                     for point, lr, decay in grid.points:  # the grid's runs come first, with the experiment's seeds
                         experiments[point] = config
-                        variants[point] = (*variants[name], f"--model.lr_per_256={lr}", f"--model.weight_decay={decay}",
+                        variants[point] = (*variants[name], f"--model.lr_per_256={lr}", f"--model.lr_times_weight_decay={decay}",
                                            f"--data.init_args.validation_split={grid.validation_split}",
                                            f"--trainer.default_root_dir={_root(config, variants[name])}/{name}_grid/{point[len(name) + 6:]}")
                         own_seeds[point] = own_seeds.get(name) or tuple(spec.get("seeds", [0]))
@@ -183,11 +191,12 @@ class Study:
         cka = None
         if spec.get("cka"):
             c = spec["cka"]
-            unknown = set(c) - {"pairs", "layer", "seed", "batch_size", "images"}
+            unknown = set(c) - {"pairs", "layer", "seed", "batch_size", "images", "epochs"}
             if unknown:
-                raise StudyError(f"{path}: unknown cka keys {sorted(unknown)}; cka has pairs, layer, seed, batch_size, images.")
+                raise StudyError(f"{path}: unknown cka keys {sorted(unknown)}; cka has pairs, layer, seed, batch_size, images, "
+                                 f"epochs.")
             cka = CKAPlan(tuple(tuple(p) for p in c.get("pairs", [])), c.get("layer", "penultimate"), c.get("seed", seeds[0]),
-                          c.get("batch_size", 250), c.get("images"))
+                          c.get("batch_size", 250), c.get("images"), c.get("epochs", 1))
         transfer = None
         if spec.get("transfer") is not None:  # {} asks for the fine-tuning section alone
             t = dict(spec["transfer"])
@@ -243,7 +252,10 @@ class Study:
             if self.transfer.pairs:
                 check_lambdas(self.transfer.lambdas)
             if self.transfer.criticality:
-                check_grid(self.transfer.alphas, self.transfer.sigmas, self.transfer.draws)
+                check_grid(self.transfer.alphas, self.transfer.sigmas, self.transfer.draws, self.transfer.admissible)
+                if self.transfer.modules not in ("layers", "blocks"):
+                    raise ValueError(f"modules={self.transfer.modules!r}: choose layers (each convolution or linear layer "
+                                     f"with its batch norm, the papers') or blocks.")
         except ValueError as err:
             raise StudyError(f"{self.path}: transfer: {err}") from None
 
@@ -268,7 +280,7 @@ def _grid(path: Path, name: str, config: Path, grid: dict, overrides: tuple[str,
                          f"as text; write 1.0e-5).")
     if any(lr <= 0 for lr in lrs) or any(d is not None and d < 0 for d in decays):
         raise StudyError(f"{path}: {name}'s grid needs positive learning rates and non-negative decays, got {lrs}, {decays}.")
-    points = tuple((f"{name}_grid_lr{i}_wd{j}", lr, 0.0 if d is None else d / lr)
+    points = tuple((f"{name}_grid_lr{i}_wd{j}", lr, 0.0 if d is None else float(d))
                    for i, lr in enumerate(lrs) for j, d in enumerate(decays))
     return GridPlan(lrs, decays, float(grid.get("validation_split", 0.2)), points)
 

@@ -115,7 +115,7 @@ def grid_scores(study: Study, experiment: str) -> dict:
                 curve = scalar_curves(state.folder, [tag]).get(tag)
             per_seed[run.seed] = curve[-1][1] if curve else None
         done = None not in per_seed.values()
-        points.append({"point": name, "lr_per_256": lr, "weight_decay": decay, "per_seed": per_seed,
+        points.append({"point": name, "lr_per_256": lr, "lr_times_weight_decay": decay, "per_seed": per_seed,
                        "held_out_accuracy": float(np.mean(list(per_seed.values()))) if done else None})
     scored = [p for p in points if p["held_out_accuracy"] is not None]
     chosen = max(scored, key=lambda p: p["held_out_accuracy"])["point"] if len(scored) == len(points) else None
@@ -133,7 +133,7 @@ def selected(study: Study, run: Run) -> Run:
                              f"(python -m study run, or submit, orders them so), then its refit.")
     point = next(p for p in scores["points"] if p["point"] == scores["chosen"])
     return replace(run, overrides=(*run.overrides, f"--model.lr_per_256={point['lr_per_256']}",
-                                   f"--model.weight_decay={point['weight_decay']}"))
+                                   f"--model.lr_times_weight_decay={point['lr_times_weight_decay']}"))
 
 
 def prepare_data(study: Study) -> float:

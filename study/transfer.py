@@ -24,17 +24,21 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lightning_modules.classifier import accuracy_tag
-from measurements.weight_space import interpolate, loss_barrier, module_criticality, parameter_distance, perturb, sigma_scale
+from measurements.accuracy import score_from_counts
+from measurements.weight_space import (bootstrap_barriers, interpolate, loss_barrier, module_criticality, noise_scales, parameter_distance, perturb,
+                                       scaled_distance_sq)
 
 from .compare import (ComparisonError, FixedImages, Loaded, check_comparable, data_module_of, load_network, pass_trainer,
                       recompute_batch_norm, run_folder_of)
@@ -42,27 +46,38 @@ from .compare import (ComparisonError, FixedImages, Loaded, check_comparable, da
 __all__ = ["InterpolationPath", "Criticality", "LossSums", "barrier", "criticality", "distance"]
 
 SPLITS = ("train", "test")
+Admissible = Literal["error", "loss"]
+Modules = Literal["layers", "blocks"]
 
 
 class LossSums(Metric):
-    """Summed cross-entropy, errors and examples of ``points`` networks on each split: exact under DDP (sums)."""
+    """Summed cross-entropy and per-class correct and examples of ``points`` networks on each split: exact under
+    DDP (sums). The error is 1 - the target's accuracy measure (``measurements.accuracy``: top-1, or the mean
+    per-class accuracy of Pets and Flowers), from the same per-class sums as validation's."""
 
     full_state_update = False
 
-    def __init__(self, points: int, splits: int = len(SPLITS)):
+    def __init__(self, points: int, num_classes: int, measure: str = "top1", splits: int = len(SPLITS)):
         super().__init__()
-        self.add_state("totals", torch.zeros(splits, points, 3, dtype=torch.float64), dist_reduce_fx="sum")
+        self.measure, self.num_classes = measure, num_classes
+        self.add_state("loss", torch.zeros(splits, points, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("correct", torch.zeros(splits, points, num_classes, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(splits, points, num_classes, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, split: int, point: int, logits: Tensor, labels: Tensor) -> None:
         logits = logits.float()
-        loss = F.cross_entropy(logits, labels, reduction="sum")
-        errors = (logits.argmax(1) != labels).sum()
-        self.totals[split, point] += torch.stack([loss.double(), errors.double(), torch.tensor(len(labels), device=loss.device, dtype=torch.float64)])
+        self.loss[split, point] += F.cross_entropy(logits, labels, reduction="sum").double()
+        hit = (logits.argmax(1) == labels).double()
+        self.correct[split, point] += torch.bincount(labels, weights=hit, minlength=self.num_classes)
+        self.count[split, point] += torch.bincount(labels, minlength=self.num_classes).double()
 
     def compute(self) -> tuple[Tensor, Tensor]:
-        """(mean loss, error rate), each splits x points."""
-        count = self.totals[..., 2].clamp(min=1)
-        return self.totals[..., 0] / count, self.totals[..., 1] / count
+        """(mean loss, error in the measure), each splits x points (nan where a split read no images)."""
+        examples = self.count.sum(-1)
+        error = torch.full_like(examples, math.nan)
+        for index in zip(*torch.nonzero(examples, as_tuple=True)):
+            error[index] = 1 - score_from_counts(self.correct[index], self.count[index], self.measure)
+        return self.loss / examples, error
 
 
 class Logits(nn.Module):
@@ -77,8 +92,34 @@ class Logits(nn.Module):
         return self.classifier[0].logits(self.net(images), self.net)
 
 
+class PerImage(Metric):
+    """Every image's cross-entropy and whether it was classified correctly at each of ``points`` networks, with its
+    split and label: what a bootstrap over images resamples. Gathered from every process (``cat``) and put in a
+    canonical order (``rows``), so the same images give the same rows on any number of processes."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        for name in ("loss", "hit", "label", "split"):
+            self.add_state(name, [], dist_reduce_fx="cat")
+
+    def update(self, split: int, logits: list[Tensor], labels: Tensor) -> None:
+        self.loss.append(torch.stack([F.cross_entropy(x.float(), labels, reduction="none") for x in logits], 1).double())
+        self.hit.append(torch.stack([x.argmax(1) == labels for x in logits], 1).double())
+        self.label.append(labels.double())
+        self.split.append(torch.full_like(labels, split).double())
+
+    def compute(self) -> np.ndarray:
+        """images x (split, label, hit at each point, loss at each point), rows sorted."""
+        cat = (lambda x: torch.cat(x) if isinstance(x, list) else x)
+        rows = torch.cat([cat(self.split)[:, None], cat(self.label)[:, None], cat(self.hit), cat(self.loss)], 1).cpu().numpy()
+        return rows[np.lexsort(rows.T[::-1])]
+
+
 class InterpolationPath(L.LightningModule):
-    """Loss and error along theta(lam) between two networks, on train and test (module docstring).
+    """Loss and error along theta(lam) between two networks, on train and test (module docstring), with a bootstrap
+    interval of each barrier over the images (``measurements.weight_space.bootstrap_barriers``).
 
     Args:
         a, b: the two networks (theta_0 and theta_1).
@@ -86,15 +127,19 @@ class InterpolationPath(L.LightningModule):
         recompute_bn: recompute batch-norm moments at every lam (the protocol); False interpolates them, as
             two public barrier codes do, to show how much that overstates the barrier.
         bn_images: training images the moments are computed on.
+        resamples: bootstrap resamples of the images for the barriers' 95 % intervals.
+        seed: seed of the resamples.
     """
 
-    def __init__(self, a: Loaded, b: Loaded, lambdas: Sequence[float], recompute_bn: bool = True, bn_images: int = 2000):
+    def __init__(self, a: Loaded, b: Loaded, lambdas: Sequence[float], recompute_bn: bool = True, bn_images: int = 2000,
+                 resamples: int = 1000, seed: int = 0):
         super().__init__()
         check_lambdas(lambdas)
         self.a, self.b = a, b
         self.lambdas = [float(x) for x in lambdas]
-        self.recompute_bn, self.bn_images = recompute_bn, bn_images
-        self.sums = LossSums(len(self.lambdas))
+        self.recompute_bn, self.bn_images, self.resamples, self.seed = recompute_bn, bn_images, resamples, seed
+        self.measure = a.module.hparams.get("measure") or "top1"
+        self.per_image = PerImage()
         self.paths = nn.ModuleList()
         self.results: dict = {}
 
@@ -112,16 +157,26 @@ class InterpolationPath(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
-        for point, path in enumerate(self.paths):
-            self.sums.update(dataloader_idx, point, path(images), labels)
+        self.per_image.update(dataloader_idx, [path(images) for path in self.paths], labels)
 
     def on_validation_epoch_end(self) -> None:
-        loss, error = (x.tolist() for x in self.sums.compute())
-        self.results = {"a": self.a.name, "b": self.b.name, "lambdas": self.lambdas, "recompute_bn": self.recompute_bn}
+        rows, points = self.per_image.compute(), len(self.lambdas)
+        self.results = {"a": self.a.name, "b": self.b.name, "lambdas": self.lambdas, "recompute_bn": self.recompute_bn,
+                        "measure": self.measure, "resamples": self.resamples}
         for s, split in enumerate(SPLITS):
-            self.results[split] = {"loss": loss[s], "error": error[s],
-                                   "loss_barrier": loss_barrier(self.lambdas, loss[s]),
-                                   "error_barrier": loss_barrier(self.lambdas, error[s])}
+            mine = rows[rows[:, 0] == s]
+            labels, hits, losses = mine[:, 1].astype(np.int64), mine[:, 2:2 + points], mine[:, 2 + points:]
+            loss, error = losses.mean(0), 1 - np.array([score_from_counts(*class_sums(hits[:, p], labels), self.measure)
+                                                        for p in range(points)])
+            self.results[split] = {"images": len(mine), "loss": loss.tolist(), "error": error.tolist(),
+                                   "loss_barrier": loss_barrier(self.lambdas, loss),
+                                   "error_barrier": loss_barrier(self.lambdas, error),
+                                   **bootstrap_barriers(self.lambdas, losses, hits, labels, self.measure, self.resamples, self.seed)}
+
+
+def class_sums(hits: np.ndarray, labels: np.ndarray) -> tuple[Tensor, Tensor]:
+    """(correct, count) per class of one network's hits on images of ``labels``: ``score_from_counts``'s input."""
+    return torch.from_numpy(np.bincount(labels, weights=hits)), torch.from_numpy(np.bincount(labels).astype(float))
 
 
 class Criticality(L.LightningModule):
@@ -133,31 +188,36 @@ class Criticality(L.LightningModule):
             and the new head's initialisation; RI-T: the random initialisation).
         parts: module name -> its parameter names in ``network``.
         alphas: the grid of alpha in [0, 1] (0: the module rewound to theta^0, 1: final).
-        sigmas: the noise grid, relative to the RMS of each module's final weights; each > 0.
+        sigmas: the noise grid in (0, 1], relative to each tensor's RMS (``noise_scales``).
+        num_classes, measure: the task's classes and accuracy measure (the 0-1 error is 1 - the measure).
         draws: noise draws per point (every draw perturbs every parameter of the module afresh).
-        epsilon: admissible when the mean loss <= (1 + epsilon) x the final network's loss.
+        epsilon: the admissible rise, see ``admissible``.
+        admissible: "error": the mean train 0-1 error over the draws is at most the final network's + epsilon (the
+            definition); "loss": the mean train loss is at most (1 + epsilon) x the final network's (the one public
+            implementation's).
         seed: seed of the noise; a point's draws are a function of (seed, module, alpha, sigma, draw).
     """
 
     def __init__(self, network: nn.Module, initial: dict[str, Tensor], parts: dict[str, list[str]],
-                 alphas: Sequence[float], sigmas: Sequence[float], draws: int = 3, epsilon: float = 0.01, seed: int = 0):
+                 alphas: Sequence[float], sigmas: Sequence[float], num_classes: int, measure: str = "top1",
+                 draws: int = 10, epsilon: float = 0.01, admissible: Admissible = "error", seed: int = 0):
         super().__init__()
-        check_grid(alphas, sigmas, draws)
+        check_grid(alphas, sigmas, draws, admissible)
         self.network = network.eval()
         self.initial = {k: v.detach().clone() for k, v in initial.items()}
         self.parts, self.alphas, self.sigmas = parts, [float(a) for a in alphas], [float(s) for s in sigmas]
-        self.draws, self.epsilon, self.seed = draws, epsilon, seed
+        self.draws, self.epsilon, self.admissible, self.seed = draws, epsilon, admissible, seed
         final = dict(self.network.named_parameters())
         missing = [n for names in parts.values() for n in names if n not in final or n not in self.initial]
         if missing:
             raise ComparisonError(f"parameters {missing[:5]} are not in both the final and the initial weights: "
                                   f"measure criticality between two checkpoints of one run.")
-        self.scale = {part: sigma_scale(final, names) for part, names in parts.items()}
+        self.scales = {part: noise_scales(final, names) for part, names in parts.items()}
         # Points: the final network, each module rewound, then (module, alpha, sigma, draw).
         self.points = [("final", None, None, None)] + [(part, 0.0, 0.0, None) for part in parts]
         self.points += [(part, a, s, d) for part in parts for a in range(len(self.alphas))
                         for s in range(len(self.sigmas)) for d in range(draws)]
-        self.sums = LossSums(len(self.points))
+        self.sums = LossSums(len(self.points), num_classes, measure)
         self.results: dict = {}
 
     def overrides(self, point: tuple, device: torch.device) -> dict[str, Tensor]:
@@ -169,7 +229,8 @@ class Criticality(L.LightningModule):
         if draw is None:  # rewound
             return {n: initial[n].to(final[n].dtype).clone() for n in final}
         generator = torch.Generator(device=device).manual_seed(_point_seed(self.seed, part, alpha, sigma, draw))
-        return perturb(initial, final, list(final), self.alphas[alpha], self.sigmas[sigma] * self.scale[part], generator)
+        stds = {n: self.sigmas[sigma] * scale for n, scale in self.scales[part].items()}
+        return perturb(initial, final, self.alphas[alpha], stds, generator)
 
     @torch.no_grad()
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -182,22 +243,27 @@ class Criticality(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         loss, error = (x.cpu().numpy() for x in self.sums.compute())
-        final_loss = float(loss[0, 0])
+        final_loss, final_error = float(loss[0, 0]), float(error[0, 0])
+        bound = final_error + self.epsilon if self.admissible == "error" else (1 + self.epsilon) * final_loss
         final = dict(self.network.named_parameters())
+        shape = (len(self.alphas), len(self.sigmas), self.draws)
         modules, total = {}, 0.0
         for k, part in enumerate(self.parts, start=1):
             rows = [i for i, p in enumerate(self.points) if p[0] == part and p[3] is not None]
-            draws = loss[0, rows].reshape(len(self.alphas), len(self.sigmas), self.draws)
-            distance_sq = parameter_distance(final, {n: self.initial[n].to(final[n].device) for n in self.parts[part]},
-                                             {part: self.parts[part]})[part] ** 2
-            mu = module_criticality(self.alphas, self.sigmas, draws.mean(2), final_loss, distance_sq, self.epsilon)
+            losses, errors = loss[0, rows].reshape(shape), error[0, rows].reshape(shape)
+            initial = {n: self.initial[n].to(final[n].device) for n in self.parts[part]}
+            scaled_sq = scaled_distance_sq(final, initial, self.scales[part])
+            values = (errors if self.admissible == "error" else losses).mean(2)
+            mu = module_criticality(self.alphas, self.sigmas, values, bound, scaled_sq)
             total = None if mu is None or total is None else total + mu
-            modules[part] = {"criticality": mu, "distance_sq": distance_sq, "sigma_unit": self.scale[part],
-                             "loss": draws.mean(2).tolist(), "loss_draws": draws.tolist(),
-                             "rewound_train_error": float(error[0, k]), "rewound_test_error": float(error[1, k]),
-                             "rewound_train_loss": float(loss[0, k])}
+            modules[part] = {"criticality": mu, "scaled_distance_sq": scaled_sq,
+                             "distance_sq": parameter_distance(final, initial, {part: self.parts[part]})[part] ** 2,
+                             "noise_scales": self.scales[part], "error": errors.mean(2).tolist(), "loss": losses.mean(2).tolist(),
+                             "error_draws": errors.tolist(), "loss_draws": losses.tolist(), "rewound_train_error": float(error[0, k]),
+                             "rewound_test_error": float(error[1, k]), "rewound_train_loss": float(loss[0, k])}
         self.results = {"alphas": self.alphas, "sigmas": self.sigmas, "draws": self.draws, "epsilon": self.epsilon,
-                        "final_train_loss": final_loss, "final_train_error": float(error[0, 0]),
+                        "admissible": self.admissible, "bound": bound, "measure": self.sums.measure,
+                        "final_train_loss": final_loss, "final_train_error": final_error,
                         "final_test_error": float(error[1, 0]), "modules": modules, "network_criticality": total}
 
 
@@ -214,30 +280,36 @@ def check_lambdas(lambdas: Sequence[float]) -> None:
                               f"measured against the straight line between their losses.")
 
 
-def check_grid(alphas: Sequence[float], sigmas: Sequence[float], draws: int) -> None:
+def check_grid(alphas: Sequence[float], sigmas: Sequence[float], draws: int, admissible: str = "error") -> None:
     if len(alphas) == 0 or any(not 0 <= a <= 1 for a in alphas):
         raise ComparisonError(f"The alpha grid {list(alphas)} must be non-empty, in [0, 1] (0: the module at its initial "
                               f"weights, 1: final), e.g. [0.25, 0.5, 0.75, 1].")
-    if len(sigmas) == 0 or any(s <= 0 for s in sigmas):
-        raise ComparisonError(f"The sigma grid {list(sigmas)} must be non-empty and positive (noise std relative to the "
-                              f"RMS of the module's weights), e.g. [0.01, 0.03, 0.1, 0.3].")
+    if len(sigmas) == 0 or any(not 0 < s <= 1 for s in sigmas):
+        raise ComparisonError(f"The sigma grid {list(sigmas)} must be non-empty, in (0, 1] (noise std relative to the "
+                              f"RMS of each weight tensor; the definition takes sigma <= 1), e.g. [0.01, 0.03, 0.1, 0.3].")
     if draws < 1:
         raise ComparisonError(f"draws={draws}: take at least one noise draw per point (several average out the noise).")
+    if admissible not in ("error", "loss"):
+        raise ComparisonError(f"admissible={admissible!r}: choose 'error' (the mean train 0-1 error within epsilon of the "
+                              f"final network's: the definition) or 'loss' (the mean loss within (1 + epsilon) x the final's).")
 
 
 # --- commands (python -m study {barrier,distance,criticality}) ---
 
 def barrier(a: str, b: str, lambdas: Sequence[float], data=None, images: int = 1000, batch_size: int = 250,
-            bn_images: int = 2000, recompute_bn: bool = True, trainer: Optional[L.Trainer] = None) -> dict:
+            bn_images: int = 2000, recompute_bn: bool = True, seed: int = 0, resamples: int = 1000,
+            trainer: Optional[L.Trainer] = None) -> dict:
     """Loss and error along the straight path between the checkpoints ``a`` and ``b`` (run folders or .ckpt)
-    on the first ``images`` training and test images of ``data`` (a's run's data module by default)."""
+    on ``images`` training and test images of ``data`` (a's run's data module by default), drawn class-balanced
+    from ``seed`` (``compare.pass_images``); the barriers with bootstrap intervals over the images."""
     check_lambdas(lambdas)
     loaded = [load_network("a", a), load_network("b", b)]
     check_comparable(loaded)
     data = data if data is not None else data_module_of(run_folder_of(loaded[0].source))
-    module = InterpolationPath(*loaded, lambdas, recompute_bn, bn_images)
-    (trainer or pass_trainer()).validate(module, datamodule=FixedImages(data, batch_size, images, ("train", "val")), verbose=False)
-    return {**module.results, "a": a, "b": b}
+    module = InterpolationPath(*loaded, lambdas, recompute_bn, bn_images, resamples, seed)
+    images_module = FixedImages(data, batch_size, images, ("train", "val"), seed=seed)
+    (trainer or pass_trainer()).validate(module, datamodule=images_module, verbose=False)
+    return {**module.results, "a": a, "b": b, "images": images_module.record()}
 
 
 def barrier_pair(a: str, b: str, lambdas: Sequence[float], **options) -> dict:
@@ -247,6 +319,7 @@ def barrier_pair(a: str, b: str, lambdas: Sequence[float], **options) -> dict:
     for key, recompute in (("recomputed", True), ("interpolated", False)):
         path = barrier(a, b, lambdas, recompute_bn=recompute, **options)
         entry[key] = {split: path[split] for split in SPLITS}
+        entry["images"], entry["measure"] = path["images"], path["measure"]
     return entry
 
 
@@ -258,21 +331,28 @@ def distance(a: str, b: str) -> dict[str, float]:
     return parameter_distance(dict(nets[0].named_parameters()), dict(nets[1].named_parameters()), nets[0].parts())
 
 
-def criticality(final: str, initial: str, alphas: Sequence[float], sigmas: Sequence[float], draws: int = 3,
-                epsilon: float = 0.01, seed: int = 0, data=None, images: int = 1000, batch_size: int = 250,
-                trainer: Optional[L.Trainer] = None) -> dict:
+def criticality(final: str, initial: str, alphas: Sequence[float], sigmas: Sequence[float], draws: int = 10,
+                epsilon: float = 0.01, admissible: Admissible = "error", modules: Modules = "layers", seed: int = 0,
+                data=None, images: int = 1000, batch_size: int = 250, trainer: Optional[L.Trainer] = None) -> dict:
     """Module criticality of the checkpoint ``final`` against ``initial`` (the same run's starting weights, e.g.
-    ``checkpoints/epoch000.ckpt``) on the first ``images`` training (and, for rewinding, test) images."""
-    check_grid(alphas, sigmas, draws)
+    ``checkpoints/epoch000.ckpt``) on ``images`` training (and, for rewinding, test) images drawn class-balanced
+    from ``seed``; ``modules``: each convolution or linear layer with its batch norm (``Network.layers``, the
+    papers'), or each block (``Network.parts``)."""
+    check_grid(alphas, sigmas, draws, admissible)
     loaded = [load_network("final", final), load_network("initial", initial)]
     check_comparable(loaded)
     data = data if data is not None else data_module_of(run_folder_of(loaded[0].source))
     logits = Logits(loaded[0])
-    parts = {part: [f"net.{n}" for n in names] for part, names in loaded[0].module.eval_network.parts().items()}
+    network = loaded[0].module.eval_network
+    grouped = network.layers() if modules == "layers" else network.parts()
+    parts = {part: [f"net.{n}" for n in names] for part, names in grouped.items()}
     initial_state = {f"net.{k}": v for k, v in loaded[1].module.eval_network.state_dict().items()}
-    module = Criticality(logits, initial_state, parts, alphas, sigmas, draws, epsilon, seed)
-    (trainer or pass_trainer()).validate(module, datamodule=FixedImages(data, batch_size, images, ("train", "val")), verbose=False)
-    return {**module.results, "final": final, "initial": initial}
+    hp = loaded[0].module.hparams
+    module = Criticality(logits, initial_state, parts, alphas, sigmas, hp.num_classes, hp.get("measure") or "top1", draws,
+                         epsilon, admissible, seed)
+    images_module = FixedImages(data, batch_size, images, ("train", "val"), seed=seed)
+    (trainer or pass_trainer()).validate(module, datamodule=images_module, verbose=False)
+    return {**module.results, "modules_by": modules, "final": final, "initial": initial, "images": images_module.record()}
 
 
 # --- a study's transfer analysis (``transfer:`` in its file): written to <report>/transfer.json ---
@@ -305,7 +385,9 @@ def finetuning_record(name: str, experiment: str, seed: int, folder: Path) -> di
     curve = {"accuracy": curves.get(accuracy_tag(measure), []), "loss": curves.get("val/loss", [])}
     # the task, or the training file's name as datamodules.convert writes it (<name>_train.beton: <name>)
     target = data.get("task") or Path(str(data.get("train_path") or data.get("train_root") or "target")).stem.removesuffix("_train")
-    return {"run": name, "experiment": experiment, "seed": seed, "kind": kind, "pretraining_epoch": epoch,
+    decay = model.get("lr_times_weight_decay")
+    hyper = f"lr/256 {model.get('lr_per_256')}, " + (f"lr×wd {decay:g}" if decay is not None else f"wd {model.get('weight_decay')}")
+    return {"run": name, "experiment": experiment, "seed": seed, "kind": kind, "pretraining_epoch": epoch, "hyper": hyper,
             "pretraining_objective": objective, "target": target, "measure": measure or "top1",
             "block_shuffle": data.get("block_shuffle"), "validation_split": data.get("validation_split"), "curve": curve}
 
@@ -373,10 +455,11 @@ def analyse_transfer(study, trainer: Optional[L.Trainer] = None) -> dict:
     for record in results["runs"]:  # how far training moved each run from where it started
         start = done[record["run"]] / "checkpoints" / "epoch000.ckpt"
         record["distance_from_start"] = distance(str(done[record["run"]]), str(start))["all"] if start.is_file() else None
-    common = dict(images=plan.images, batch_size=plan.batch_size, trainer=trainer)
+    common = dict(images=plan.images, batch_size=plan.batch_size, seed=plan.seed, trainer=trainer)
     for a, b in plan.pairs:
         if a in done and b in done:
-            entry = barrier_pair(str(done[a]), str(done[b]), plan.lambdas, bn_images=plan.bn_images, **common)
+            entry = barrier_pair(str(done[a]), str(done[b]), plan.lambdas, bn_images=plan.bn_images,
+                                 resamples=plan.resamples, **common)
             results["barriers"].append({**entry, "a": a, "b": b})
     for name in plan.criticality:
         if name in done:
@@ -384,7 +467,8 @@ def analyse_transfer(study, trainer: Optional[L.Trainer] = None) -> dict:
             if not start.is_file():
                 raise ComparisonError(f"{name}: no checkpoints/epoch000.ckpt (its starting weights) to measure criticality "
                                       f"against; keep it with checkpoints.epochs: [0].")
-            found = criticality(str(done[name]), str(start), plan.alphas, plan.sigmas, plan.draws, plan.epsilon, **common)
+            found = criticality(str(done[name]), str(start), plan.alphas, plan.sigmas, plan.draws, plan.epsilon,
+                                plan.admissible, plan.modules, **common)
             found["run"] = name
             results["criticality"].append(found)
     return results

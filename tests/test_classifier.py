@@ -139,3 +139,17 @@ def test_ema_warmup_is_tensorflows_and_keeps_the_horizon_in_images():
     assert initial_share("tensorflow") < 1e-3
     with pytest.raises(ValueError, match="ema_warmup must be 'tensorflow' or 'none'"):
         ObjectiveClassifier(num_classes=10, backbone="resnet18", ema_warmup="timm")
+
+
+def test_a_decay_given_as_lr_times_weight_decay_divides_by_the_actual_peak_lr():
+    # Appendix A.3's grid variable: at batch 128 the peak lr is half lr_per_256, so the decay is twice value / lr_per_256.
+    model = ObjectiveClassifier(num_classes=10, global_batch_size=128, backbone="resnet18", lr_per_256=0.1,
+                                lr_times_weight_decay=1e-5)
+
+    class _Trainer:
+        train_dataloader, num_training_batches, accumulate_grad_batches = [], 10, 1
+
+    model._trainer = _Trainer()
+    decay, no_decay = model.configure_optimizers()["optimizer"].param_groups
+    assert decay["initial_lr"] == pytest.approx(0.05) and decay["weight_decay"] == pytest.approx(1e-5 / 0.05)
+    assert no_decay["weight_decay"] == 0.0

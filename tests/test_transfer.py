@@ -127,11 +127,17 @@ def test_criticality_of_a_fine_tuned_network_against_its_start(fine_tuned):
     result = criticality(str(run), str(run / "checkpoints" / "epoch000.ckpt"), alphas=[0.0, 0.5, 1.0], sigmas=[0.05, 0.2],
                          draws=2, images=128, batch_size=64)
     modules = result["modules"]
-    assert list(modules) == ["stem", "layer1.0", "layer2.0", "layer3.0", "layer4.0", "head"]
+    network = load_network("x", str(run)).module.eval_network
+    assert list(modules) == list(network.layers())  # each convolution (with its batch norm) and the head
+    assert result["admissible"] == "error" and result["modules_by"] == "layers"
     for part in modules.values():
         assert part["criticality"] is None or part["criticality"] >= 0
-        assert np.array(part["loss_draws"]).shape == (3, 2, 2)
+        assert np.array(part["error_draws"]).shape == (3, 2, 2)
     assert 0 <= result["final_train_error"] <= 1
+    assert result["bound"] == pytest.approx(result["final_train_error"] + 0.01)
+    blocks = criticality(str(run), str(run / "checkpoints" / "epoch000.ckpt"), alphas=[1.0], sigmas=[0.05], draws=1,
+                         modules="blocks", images=128, batch_size=64)
+    assert list(blocks["modules"]) == ["stem", "layer1.0", "layer2.0", "layer3.0", "layer4.0", "head"]
 
 
 def test_a_pretraining_checkpoint_of_another_architecture_is_refused_naming_both(fine_tuned):
@@ -167,7 +173,7 @@ def test_the_grid_validates_on_held_out_training_images_and_the_refit_takes_its_
     _, folders = fine_tuned
     study = Study.load(folders["study"])
     scores = grid_scores(study, "p_t")
-    assert [p["lr_per_256"] for p in scores["points"]] == [0.02, 0.2] and all(p["weight_decay"] == 0 for p in scores["points"])
+    assert [p["lr_per_256"] for p in scores["points"]] == [0.02, 0.2] and all(p["lr_times_weight_decay"] == 0 for p in scores["points"])
     for i, point in enumerate(scores["points"]):  # A.3: each point's held-out accuracy averaged over the seeds
         last = {s: scalars(folders["grid"][i, s])["val/acc1"][-1][1] for s in (0, 1)}
         assert point["per_seed"] == pytest.approx(last, abs=1e-6)

@@ -1,6 +1,7 @@
 """The weight-space mathematics of Neyshabur et al. against brute force: interpolation, barrier, parameter
 distance, batch-norm recomputation, module criticality; and block shuffling of images."""
 
+import copy
 import itertools
 
 import numpy as np
@@ -85,18 +86,18 @@ def test_recomputed_batch_norm_moments_are_the_batches_mean_and_variance():
 def test_criticality_matches_a_brute_force_search():
     alphas, sigmas = [0.0, 0.5, 1.0], [0.1, 1.0]
     losses = np.array([[3.0, 5.0], [1.005, 2.0], [1.0, 1.2]])
-    mu = module_criticality(alphas, sigmas, losses, final_loss=1.0, distance_sq=4.0, epsilon=0.01)
+    mu = module_criticality(alphas, sigmas, losses, bound=1.01, distance_sq=4.0)
     brute = min((a / s) ** 2 * 4.0 for (i, a), (j, s) in itertools.product(enumerate(alphas), enumerate(sigmas))
                 if losses[i, j] <= 1.01)
     assert mu == pytest.approx(brute) == pytest.approx(100.0)  # (0.5 / 0.1)^2 x 4 beats (1 / 0.1)^2 x 4
-    assert module_criticality(alphas, sigmas, losses + 10, 1.0, 4.0) is None  # nothing admissible
+    assert module_criticality(alphas, sigmas, losses + 10, 1.01, 4.0) is None  # nothing admissible
 
 
 def test_every_noise_draw_perturbs_every_parameter_of_the_module():
     initial = {"w": torch.zeros(3, 3), "b": torch.zeros(3)}
     final = {"w": torch.ones(3, 3), "b": torch.ones(3)}
     generator = torch.Generator().manual_seed(0)
-    draws = [perturb(initial, final, ["w", "b"], 0.5, 0.1, generator) for _ in range(3)]
+    draws = [perturb(initial, final, 0.5, {"w": 0.1, "b": 0.1}, generator) for _ in range(3)]
     for draw in draws:
         for name in ("w", "b"):
             noise = draw[name] - 0.5
@@ -148,7 +149,8 @@ def test_criticality_tells_a_critical_module_from_one_that_is_not():
         def val_dataloader(self):
             return [torch.utils.data.DataLoader(_Pairs(x, y), batch_size=100)] * 2
 
-    module = Criticality(net, initial, parts, alphas=[0.0, 0.25, 0.5, 0.75, 1.0], sigmas=[0.01, 0.03, 0.1, 0.3], draws=3)
+    module = Criticality(net, initial, parts, alphas=[0.0, 0.25, 0.5, 0.75, 1.0], sigmas=[0.01, 0.03, 0.1, 0.3],
+                         num_classes=2, draws=3, admissible="loss")
     L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False).validate(module, datamodule=Data(), verbose=False)
     result = module.results["modules"]
     lower, upper = result["lower"]["criticality"], result["upper"]["criticality"]
@@ -172,7 +174,7 @@ def test_empty_or_invalid_grids_are_refused_before_any_pass():
 
 
 def test_loss_sums_are_the_mean_cross_entropy_and_error():
-    sums = LossSums(points=1)
+    sums = LossSums(points=1, num_classes=3)
     logits, labels = torch.randn(10, 3), torch.randint(0, 3, (10,))
     sums.update(0, 0, logits[:6], labels[:6])
     sums.update(0, 0, logits[6:], labels[6:])
@@ -221,3 +223,185 @@ def test_ffcv_and_folder_modules_shuffle_the_same_blocks_for_train_and_test(tmp_
 def test_a_block_size_that_does_not_divide_the_image_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"block_shuffle=5 does not divide the image size \[32\]; choose one of \[1, 2, 4, 8, 16, 32\]"):
         ffcv_datamodule(tmp_path / "x.beton", block_shuffle=5)
+
+
+# --- criticality in the definition's units, per tensor, admissible by the 0-1 error ---
+
+def _bn_classifier(seed: int = 0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 16, 3))
+    x = torch.randn(240, 3, 6, 6)
+    y = (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0.3).long()
+    net.train()
+    with torch.no_grad():
+        net(x)  # batch-norm moments of the data
+    net.eval()
+    return net, x, y
+
+
+def _criticality(net, initial, x, y, parts, **options):
+    import lightning as L
+
+    class Data(L.LightningDataModule):
+        def val_dataloader(self):
+            return [torch.utils.data.DataLoader(_Pairs(x, y), batch_size=80)] * 2
+
+    module = Criticality(net, initial, parts, alphas=[0.0, 0.5, 0.8, 1.0], sigmas=[0.05, 0.2, 0.5, 1.0], num_classes=3,
+                         draws=3, **options)
+    L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False).validate(module, datamodule=Data(), verbose=False)
+    return module
+
+
+def test_rescaling_a_module_behind_batch_norm_leaves_its_criticality_unchanged():
+    net, x, y = _bn_classifier()
+    initial = {k: v.clone() for k, v in net.state_dict().items()}
+    initial["0.weight"] = initial["0.weight"] + 0.3 * torch.randn_like(initial["0.weight"])
+    parts = {"conv": ["0.weight", "1.weight", "1.bias"], "head": ["4.weight", "4.bias"]}
+    before = _criticality(net, initial, x, y, parts).results["modules"]["conv"]
+    c = 10.0  # the convolution's weights, initial and final, times c; batch norm's moments follow: the same function
+    scaled = copy.deepcopy(net)
+    with torch.no_grad():
+        scaled[0].weight.mul_(c)
+        scaled[1].running_mean.mul_(c)
+        scaled[1].running_var.mul_(c * c)
+    scaled_initial = {**initial, "0.weight": initial["0.weight"] * c}
+    after = _criticality(scaled, scaled_initial, x, y, parts).results["modules"]["conv"]
+    np.testing.assert_allclose(after["error"], before["error"], atol=1 / 240)
+    assert after["distance_sq"] == pytest.approx(c * c * before["distance_sq"], rel=1e-6)  # the raw distance moved
+    assert before["criticality"] is not None
+    assert after["criticality"] == pytest.approx(before["criticality"], rel=1e-6)  # mu did not
+
+
+def test_each_tensor_gets_noise_scaled_to_its_own_norm():
+    net, x, y = _bn_classifier()
+    with torch.no_grad():
+        net[1].weight.fill_(50.0)  # batch norm's gamma far larger than the convolution's weights
+    initial = {k: v.clone() for k, v in net.state_dict().items()}
+    parts = {"conv": ["0.weight", "1.weight", "1.bias"]}
+    module = _criticality(net, initial, x, y, parts)
+    final = dict(net.named_parameters())
+    point = next(p for p in module.points if p[0] == "conv" and p[1] == len(module.alphas) - 1 and p[2] == 1 and p[3] == 0)
+    perturbed = module.overrides(point, torch.device("cpu"))
+    sigma = module.sigmas[1]
+    for name in ("0.weight", "1.weight"):
+        rms = float(final[name].pow(2).mean().sqrt())
+        noise = (perturbed[name] - final[name]).std()
+        assert float(noise) == pytest.approx(sigma * rms, rel=0.35), name
+    assert module.scales["conv"]["1.weight"] == pytest.approx(50.0)
+
+
+def test_a_point_is_admissible_by_the_train_error_within_epsilon_of_the_final_networks():
+    net, x, y = _bn_classifier()
+    initial = {k: v + 0.5 * torch.randn_like(v) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    parts = {"conv": ["0.weight", "1.weight", "1.bias"], "head": ["4.weight", "4.bias"]}
+    for admissible, epsilon in (("error", 0.05), ("loss", 0.1)):
+        module = _criticality(net, initial, x, y, parts, admissible=admissible, epsilon=epsilon)
+        results = module.results
+        assert results["admissible"] == admissible
+        for part, found in results["modules"].items():
+            values = np.array(found[admissible])
+            bound = (results["final_train_error"] + epsilon if admissible == "error"
+                     else (1 + epsilon) * results["final_train_loss"])
+            brute = [(a / s) ** 2 * found["scaled_distance_sq"] for i, a in enumerate(module.alphas)
+                     for j, s in enumerate(module.sigmas) if values[i, j] <= bound]
+            assert found["criticality"] == (pytest.approx(min(brute)) if brute else None), (admissible, part)
+    with pytest.raises(ComparisonError, match="admissible"):
+        check_grid([1.0], [0.1], 3, "accuracy")
+
+
+def test_layers_are_each_convolution_with_its_batch_norm_and_cover_every_parameter_once():
+    import timm
+
+    from lightning_modules.classifier import Network
+
+    backbone = timm.create_model("resnet10t", num_classes=0)
+    network = Network(backbone, nn.Linear(backbone.num_features, 5))
+    layers = network.layers()
+    names = [n for group in layers.values() for n in group]
+    assert sorted(names) == sorted(n for n, _ in network.named_parameters())  # each parameter once
+    convs = [n for n, m in network.named_modules() if isinstance(m, nn.Conv2d)]
+    assert len(layers) == len(convs) + 1  # + the head
+    assert layers["layer1.0.conv1"] == ["backbone.layer1.0.conv1.weight", "backbone.layer1.0.bn1.weight",
+                                        "backbone.layer1.0.bn1.bias"]
+    assert layers["head"] == ["head.weight", "head.bias"]
+
+
+def test_loss_sums_score_the_error_in_the_targets_measure():
+    from sklearn.metrics import balanced_accuracy_score
+
+    logits, labels = torch.randn(60, 4), torch.cat([torch.zeros(40, dtype=torch.long), torch.randint(1, 4, (20,))])
+    sums = LossSums(points=1, num_classes=4, measure="mean_per_class")
+    sums.update(0, 0, logits[:25], labels[:25])
+    sums.update(0, 0, logits[25:], labels[25:])
+    _, error = sums.compute()
+    assert float(error[0, 0]) == pytest.approx(1 - balanced_accuracy_score(labels, logits.argmax(1)))
+    assert torch.isnan(error[1, 0])  # a split that read nothing has no error
+
+
+def test_bootstrap_intervals_of_the_barriers_match_a_loop_over_resamples():
+    from measurements.weight_space import bootstrap_barriers
+
+    rng = np.random.default_rng(0)
+    lams = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+    n = 80
+    labels = rng.integers(0, 4, n)
+    losses = rng.exponential(1.0, (n, len(lams))) + np.sin(np.pi * lams)
+    hits = (rng.random((n, len(lams))) > 0.3 + 0.3 * np.sin(np.pi * lams)).astype(float)
+    found = bootstrap_barriers(lams, losses, hits, labels, "mean_per_class", resamples=200, seed=4)
+    counts = np.random.default_rng(4).multinomial(n, np.full(n, 1 / n), size=200)
+    loss_b, error_b = [], []
+    for w in counts:
+        chosen = np.repeat(np.arange(n), w)
+        loss_b.append(loss_barrier(lams, losses[chosen].mean(0)))
+        y = labels[chosen]
+        per_class = [hits[chosen][y == c].mean(0) for c in np.unique(y)]
+        error_b.append(loss_barrier(lams, 1 - np.mean(per_class, axis=0)))
+    np.testing.assert_allclose(found["loss_barrier_interval"], np.percentile(loss_b, [2.5, 97.5]), rtol=1e-10)
+    np.testing.assert_allclose(found["error_barrier_interval"], np.percentile(error_b, [2.5, 97.5]), rtol=1e-10)
+    low, high = found["loss_barrier_interval"]
+    assert low < loss_barrier(lams, losses.mean(0)) < high
+
+
+def test_block_shuffled_images_train_without_augmentation_by_default(tmp_path):
+    from datamodules.image_data import ProgressiveResolution
+    from tests.helpers import write_indexed_beton
+
+    path = write_indexed_beton(tmp_path / "d.beton", 16)  # label = index: each image named by its label
+    plain = ffcv_datamodule(path, path, global_batch_size=16, crop_scale=(0.2, 0.5))
+    shuffled = ffcv_datamodule(path, path, global_batch_size=16, crop_scale=(0.2, 0.5), block_shuffle=8)
+    assert plain.augment and not shuffled.augment
+    assert ffcv_datamodule(path, path, block_shuffle=8, augment=True).augment  # the authors' default, configurable
+
+    def by_label(loader):
+        images, labels = next(iter(loader))
+        return {int(label): image for image, label in zip(images, labels.reshape(-1))}
+
+    for data, augmented in ((plain, True), (shuffled, False)):
+        data.setup("fit")
+        train, val = by_label(data.train_dataloader()), by_label(data.val_dataloader())
+        same = [torch.equal(train[k], val[k]) for k in val]
+        assert (not any(same)) if augmented else all(same)  # without augmentation: the evaluation crop itself
+    with pytest.raises(ValueError, match="progressive_resolution"):
+        ffcv_datamodule(path, path, block_shuffle=8, progressive_resolution=ProgressiveResolution(16, 32, 0, 1, 16))
+
+
+def test_an_analysis_process_shuffles_blocks_with_the_runs_own_seed(tmp_path):
+    import yaml
+
+    from study.compare import data_module_of
+    from tests.helpers import write_indexed_beton
+
+    path = write_indexed_beton(tmp_path / "d.beton", 8, num_classes=2)
+    data = {"class_path": "datamodules.FFCVImageDataModule",
+            "init_args": {"train_path": str(path), "val_path": str(path), "image_size": 32, "val_resize": 32,
+                          "block_shuffle": 8, "seed": None}}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"seed_everything": 3, "data": data}))
+    torch.manual_seed(0)  # this process's own seed must not matter
+    found = data_module_of(run)
+    assert found.seed == 3
+    assert torch.equal(found._permutation(4, torch.device("cpu")), block_permutation(4, 3))
+    data["init_args"]["seed"] = 7  # a data seed the run named is kept
+    (run / "config.yaml").write_text(yaml.safe_dump({"seed_everything": 3, "data": data}))
+    assert data_module_of(run).seed == 7
