@@ -121,24 +121,34 @@ def analyse(study: str, accelerator: str = "auto", devices: str = "auto", num_no
 
 def study_cka(spec: Study, trainer) -> Optional[dict]:
     """CKA and agreement between the study's finished runs (``cka:`` in its file), written to <report>/cka.json
-    by the first process; None when none of the runs it names has finished."""
+    by the first process; None when none of the runs it names has finished.
+
+    The matrix holds the experiments' runs of ``cka.seed`` and of the study's next seed (the first after the last),
+    so that Figure 2b can have rows of one seed and columns of the other: its diagonal is one objective from two
+    initialisations, as in the paper, not a run with itself (``report.cross_seed``); and prediction agreement covers
+    every two of them, within an objective and between objectives. With one seed, the runs of that seed alone."""
     from .compare import compare
     from .sweep import run_state
 
     plan = spec.cka
-    folders = {r.name: s.folder for r in spec.runs for s in [run_state(r)] if s.state == "finished"}
+    finished = {r.name: (r.seed, s.folder) for r in spec.runs for s in [run_state(r)] if s.state == "finished"}
+    folders = {name: folder for name, (_, folder) in finished.items()}
     pairs = [p for p in plan.pairs if all(n.split("@")[0] in folders for n in p)]
-    matrix = [n for n in folders if n.endswith(f"/seed{plan.seed}")] if plan.layer else []
+    seeds = list(spec.seeds)
+    column_seed = seeds[(seeds.index(plan.seed) + 1) % len(seeds)] if len(seeds) > 1 else None
+    matrix = [n for seed in (plan.seed, column_seed) if seed is not None
+              for n, (run_seed, _) in finished.items() if run_seed == seed] if plan.layer else []
     names = {n for p in pairs for n in p} | set(matrix)
     if not names:
         return None
     networks = {n: str(folders[n.split("@")[0]]) + ("@untrained" if n.endswith("@untrained") else "") for n in sorted(names)}
     start = time.perf_counter()
     cka = compare(networks, pairs, matrix, plan.layer, agreement=spec.agreement, batch_size=plan.batch_size,
-                  images=plan.images, trainer=trainer)
+                  images=plan.images, epochs=plan.epochs, trainer=trainer)
     if trainer.is_global_zero:
         if "matrix" in cka:
-            cka["matrix"]["seed"] = plan.seed
+            cka["matrix"]["seed"] = plan.seed  # Figure 2b's rows
+            cka["matrix"]["column_seed"] = column_seed  # its columns; None: one seed, the diagonal a run with itself
         cka["skipped_pairs"] = [list(p) for p in plan.pairs if p not in pairs]
         spec.report.mkdir(parents=True, exist_ok=True)
         (spec.report / "cka.json").write_text(json.dumps(cka, indent=1))
@@ -187,8 +197,8 @@ def record_time(folder: Path, part: str, seconds: float) -> None:
 
 
 def cka(pairs: Optional[list[tuple[str, str]]] = None, out: str = "cka", matrix: Optional[list[str]] = None, layer: str = "penultimate",
-        agreement: bool = False, batch_size: int = 250, images: Optional[int] = None, accelerator: str = "auto",
-        devices: str = "auto", num_nodes: int = 1) -> None:
+        agreement: bool = False, batch_size: int = 250, images: Optional[int] = None, epochs: int = 1, seed: int = 0,
+        accelerator: str = "auto", devices: str = "auto", num_nodes: int = 1) -> None:
     """Block x block CKA between pairs of checkpoints (Figure 2a), optionally one layer's CKA between every two
     of ``matrix`` (Figure 2b) and their prediction agreement, on the first run's validation images; writes
     <out>/cka.json and <out>/figure2_cka.png.
@@ -201,7 +211,9 @@ def cka(pairs: Optional[list[tuple[str, str]]] = None, out: str = "cka", matrix:
         layer: the matrix's layer (a block name or penultimate).
         agreement: prediction agreement between every two of ``matrix``.
         batch_size: images per CKA minibatch (> 3; the paper uses 1,500).
-        images: the first this many validation images (all by default).
+        images: this many validation images, drawn class-balanced (all by default).
+        epochs: passes over the images, each in a fresh random order (the paper: 10 over ImageNet val).
+        seed: seed of the images drawn, their orders, and the untrained control's initialisation.
     """
     from .compare import compare, pass_trainer
     from .report import figure_two
@@ -212,7 +224,7 @@ def cka(pairs: Optional[list[tuple[str, str]]] = None, out: str = "cka", matrix:
         raise SystemExit("cka: name --pairs and/or --matrix (run folders or .ckpt files).")
     trainer = pass_trainer(accelerator, devices, num_nodes)
     results = compare({n: n for n in names}, [tuple(p) for p in pairs], matrix or [], layer, agreement,
-                      batch_size=batch_size, images=images, trainer=trainer)
+                      batch_size=batch_size, images=images, seed=seed, epochs=epochs, trainer=trainer)
     if trainer.is_global_zero:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
@@ -222,7 +234,8 @@ def cka(pairs: Optional[list[tuple[str, str]]] = None, out: str = "cka", matrix:
 
 
 def barrier(a: str, b: str, out: str = "barrier", lambdas: Optional[list[float]] = None, images: int = 1000,
-            bn_images: int = 2000, batch_size: int = 250, accelerator: str = "auto", devices: str = "auto", num_nodes: int = 1) -> None:
+            bn_images: int = 2000, batch_size: int = 250, seed: int = 0, resamples: int = 1000, accelerator: str = "auto",
+            devices: str = "auto", num_nodes: int = 1) -> None:
     """Loss and error along the straight path between two checkpoints (run folders or .ckpt), with batch-norm
     moments recomputed at every lambda and, for comparison, interpolated; their parameter distance. Writes
     <out>/barrier.json and <out>/barrier.png.
@@ -231,10 +244,12 @@ def barrier(a: str, b: str, out: str = "barrier", lambdas: Optional[list[float]]
         a: theta_0.
         b: theta_1.
         out: folder for the results.
-        lambdas: the grid (default: -0.5 to 1.5 in steps of 0.1); must hold 0 and 1.
-        images: training and test images evaluated at every lambda.
+        lambdas: the grid (default: 51 points from 0 to 1); must hold 0 and 1.
+        images: training and test images evaluated at every lambda (drawn class-balanced from seed).
         bn_images: training images the moments are recomputed on.
         batch_size: images per batch.
+        seed: seed of the images drawn and of the bootstrap.
+        resamples: bootstrap resamples of the images (95 % intervals of the barriers).
     """
     from . import transfer
     from .compare import pass_trainer
@@ -243,20 +258,24 @@ def barrier(a: str, b: str, out: str = "barrier", lambdas: Optional[list[float]]
 
     trainer = pass_trainer(accelerator, devices, num_nodes)
     lambdas = TransferPlan.lambdas if lambdas is None else lambdas
-    entry = transfer.barrier_pair(a, b, lambdas, images=images, batch_size=batch_size, bn_images=bn_images, trainer=trainer)
+    entry = transfer.barrier_pair(a, b, lambdas, images=images, batch_size=batch_size, bn_images=bn_images, seed=seed,
+                                  resamples=resamples, trainer=trainer)
     if trainer.is_global_zero:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "barrier.json").write_text(json.dumps(entry, indent=1))
         figure_barriers([entry], folder / "barrier.png")
         r = entry["recomputed"]["test"]
-        print(f"test loss barrier {r['loss_barrier']:.4f}, error barrier {r['error_barrier']:.4f} (interpolated moments: "
-              f"{entry['interpolated']['test']['loss_barrier']:.4f}); {folder / 'barrier.json'}")
+        low, high = r["error_barrier_interval"]
+        print(f"test loss barrier {r['loss_barrier']:.4f}, error barrier {r['error_barrier']:.4f} (95 % interval "
+              f"{low:.4f} to {high:.4f}; interpolated moments: {entry['interpolated']['test']['loss_barrier']:.4f}); "
+              f"{folder / 'barrier.json'}")
 
 
 def criticality(run: str, initial: Optional[str] = None, out: str = "criticality", alphas: Optional[list[float]] = None,
-                sigmas: Optional[list[float]] = None, draws: int = 3, epsilon: float = 0.01, images: int = 1000,
-                batch_size: int = 250, accelerator: str = "auto", devices: str = "auto", num_nodes: int = 1) -> None:
+                sigmas: Optional[list[float]] = None, draws: int = 10, epsilon: float = 0.01, admissible: str = "error",
+                modules: str = "layers", seed: int = 0, images: int = 1000, batch_size: int = 250, accelerator: str = "auto",
+                devices: str = "auto", num_nodes: int = 1) -> None:
     """Module criticality of a checkpoint against its starting weights; writes <out>/criticality.json and a figure.
 
     Args:
@@ -264,9 +283,13 @@ def criticality(run: str, initial: Optional[str] = None, out: str = "criticality
         initial: the starting weights (default: <run>/checkpoints/epoch000.ckpt).
         out: folder for the results.
         alphas: alpha grid in [0, 1].
-        sigmas: sigma grid, relative to the RMS of each module's weights.
-        draws: noise draws per point.
-        epsilon: admissible when the mean loss is within (1 + epsilon) of the final network's.
+        sigmas: sigma grid in (0, 1], relative to the RMS of each weight tensor.
+        draws: noise draws per point (the reference code: 10).
+        epsilon: admissible rise of the mean train error over the final network's (or, with admissible=loss, of
+            the mean loss, relative).
+        admissible: error (train 0-1 error, the definition) or loss (the TensorFlow implementation's).
+        modules: layers (each convolution or linear layer with its batch norm) or blocks.
+        seed: seed of the images drawn and of the noise.
         images: training (and, for rewinding, test) images evaluated at every point.
         batch_size: images per batch.
     """
@@ -278,7 +301,7 @@ def criticality(run: str, initial: Optional[str] = None, out: str = "criticality
     initial = initial or str(Path(run) / "checkpoints" / "epoch000.ckpt")
     trainer = pass_trainer(accelerator, devices, num_nodes)
     found = transfer.criticality(run, initial, alphas or TransferPlan.alphas, sigmas or TransferPlan.sigmas, draws, epsilon,
-                                 images=images, batch_size=batch_size, trainer=trainer)
+                                 admissible, modules, seed, images=images, batch_size=batch_size, trainer=trainer)
     if trainer.is_global_zero:
         found["run"] = run
         folder = Path(out)

@@ -13,11 +13,12 @@ from typing import Optional
 
 import numpy as np
 
-from .report import ALPHA, Cell, _pyplot, anova_objective_p, column, save_figure
+from .report import ALPHA, T_TEST, T_TESTS, Cell, _pyplot, anova_objective_p, column, save_figure
 
 __all__ = ["transfer_section", "steps_to_reach"]
 
 FRACTION = 0.9  # training speed: the first step at which test accuracy reaches this fraction of the run's final
+BASIN = 0.01  # one basin: a test error barrier below 1 %, decided on its bootstrap interval
 
 
 def steps_to_reach(curve: list[tuple[int, float]], fraction: float = FRACTION) -> Optional[int]:
@@ -57,8 +58,8 @@ def _summary(group: list[dict]) -> dict:
             "speed": [steps_to_reach(r["curve"]["accuracy"]) for r in group]}
 
 
-def transfer_section(transfer: dict, out: Path) -> tuple[list[str], list[Path]]:
-    """Markdown lines and figures of the section (module docstring)."""
+def transfer_section(transfer: dict, out: Path, t_test: str = T_TEST) -> tuple[list[str], list[Path]]:
+    """Markdown lines and figures of the section (module docstring); ``t_test``: Table 2's per-data-set test."""
     groups = _groups(transfer["runs"])
     lines = ["## What is being transferred (Neyshabur et al. 2020)", ""]
     if transfer.get("missing"):
@@ -66,15 +67,19 @@ def transfer_section(transfer: dict, out: Path) -> tuple[list[str], list[Path]]:
     lines += ["### Fine-tuning: P-T (from the pre-trained network) and RI-T (from random initialisation)", "",
               f"Test accuracy ({measures(transfer['runs'])}) and loss at the end of fine-tuning, mean ± s.e. over seeds; "
               f"speed: the first step at which test accuracy reaches {FRACTION:.0%} of the run's final.", "",
-              "| experiment | kind | pre-training epoch | block size | seeds | test accuracy (%) | test loss | steps to "
-              f"{FRACTION:.0%} | ‖θ − θ_start‖₂ |", "|---|---|---|---|---|---|---|---|---|"]
+              "Hyper-parameters: the point the experiment's grid chose on held-out images (below), or the config's fixed "
+              "one where it has no grid.", "",
+              "| experiment | kind | pre-training epoch | block size | hyper-parameters | seeds | test accuracy (%) | test loss "
+              f"| steps to {FRACTION:.0%} | ‖θ − θ_start‖₂ |", "|---|---|---|---|---|---|---|---|---|---|"]
     summaries = {}
     for name, group in groups.items():
         first = group[0]
         summaries[name] = s = _summary(group)
         epoch = "–" if first["pretraining_epoch"] is None else first["pretraining_epoch"]
         block = first["block_shuffle"] or "none"
-        lines.append(f"| {name} | {first['kind']} | {epoch} | {block} | {len(group)} | {_cell(s['acc'], 100)} | "
+        tuned = " (grid)" if name in transfer.get("grids", {}) else " (fixed)"
+        lines.append(f"| {name} | {first['kind']} | {epoch} | {block} | {first.get('hyper', '?')}{tuned} | {len(group)} | "
+                     f"{_cell(s['acc'], 100)} | "
                      f"{_cell(s['loss'], 1, 3)} | {_cell(s['speed'], 1, 0)} | "
                      f"{_cell([r.get('distance_from_start') for r in group], 1, 2)} |")
     lines.append("")
@@ -85,7 +90,7 @@ def transfer_section(transfer: dict, out: Path) -> tuple[list[str], list[Path]]:
     for name, grid in transfer.get("grids", {}).items():
         lines += grid_lines(name, grid)
     lines += checkpoint_lines(groups, summaries, transfer.get("checkpoint_probes", {}))
-    lines += table_two(transfer["runs"])
+    lines += table_two(transfer["runs"], t_test)
     lines += barrier_lines(transfer["barriers"])
     if transfer["barriers"]:
         figures.append(figure_barriers(transfer["barriers"], out / "figure_transfer_barriers.png"))
@@ -108,7 +113,7 @@ def grid_lines(name: str, grid: dict) -> list[str]:
     """Appendix A.3's choice for one experiment: held-out accuracy at every (lr, weight decay) point, the chosen in bold."""
     lrs = list(dict.fromkeys(p["lr_per_256"] for p in grid["points"]))
     by_lr = {lr: [p for p in grid["points"] if p["lr_per_256"] == lr] for lr in lrs}
-    decays = [f"lr x wd = {p['weight_decay'] * p['lr_per_256']:.3g}" if p["weight_decay"] else "no decay" for p in by_lr[lrs[0]]]
+    decays = [f"lr x wd = {p['lr_times_weight_decay']:.3g}" if p["lr_times_weight_decay"] else "no decay" for p in by_lr[lrs[0]]]
     lines = [f"Hyper-parameters of {name} (appendix A.3): accuracy (%) on the {grid['validation_split']:.0%} of the training "
              f"images held out, the mean over {_seeds(grid)}; **bold**: chosen, then refit on all of them and tested above"
              f"{'' if grid['chosen'] else ' (not yet: the grid has unfinished runs)'}.", "",
@@ -155,9 +160,10 @@ def checkpoint_lines(groups: dict, summaries: dict, probes: dict) -> list[str]:
     return lines + [""]
 
 
-def table_two(runs: list[dict]) -> list[str]:
+def table_two(runs: list[dict], test: str = T_TEST) -> list[str]:
     """Table 2 (Kornblith et al.): fine-tuned test accuracy by pre-training objective x target, mean ± s.e. over
-    runs (pre-training or fine-tuning seeds); bold as Table 1 per data set (Welch's t-test), and in the average
+    runs (pre-training or fine-tuning seeds); bold as Table 1 per data set (``column``: the paper's "t-test",
+    ``test`` "welch" or "student", Welch's by default for the reason ``report.T_TEST`` gives), and in the average
     column by the objective's main effect in a two-way ANOVA against the best objective. Shown when P-T runs
     start from at least two objectives; un-shuffled runs from each pre-training run's last checkpoint only."""
     final = [r for r in runs if r["kind"] == "P-T" and not r["block_shuffle"] and not r.get("validation_split")
@@ -172,15 +178,15 @@ def table_two(runs: list[dict]) -> list[str]:
         return []
     acc = {(o, t): [100 * r["curve"]["accuracy"][-1][1] for r in final if (r["pretraining_objective"], r["target"]) == (o, t)]
            for o in objectives for t in targets}
-    columns = {t: column({o: Cell(acc[o, t]) for o in objectives if acc[o, t]}) for t in targets}
+    columns = {t: column({o: Cell(acc[o, t]) for o in objectives if acc[o, t]}, test=test) for t in targets}
     means = {o: Cell([float(np.mean([np.mean(acc[o, t]) for t in targets if acc[o, t]]))]) for o in objectives}
     best = max(means, key=lambda o: means[o].mean)
     rows = lambda o: [(o, t, v) for t in targets for v in acc[o, t]]  # noqa: E731
     average = len(targets) > 1  # an average column only over more than one data set, as in Table 1
     lines = ["### Table 2: fine-tuned test accuracy (%) by pre-training objective", "",
              f"In each target's measure ({measures(final)}). Mean ± s.e. over runs; **bold**: the best and those not significantly worse (p ≥ {ALPHA}; per data set a "
-             "two-sided Welch's t-test, the average by the objective's main effect in a two-way ANOVA, objective x data set, "
-             "against the best).", "", "| objective | " + " | ".join(targets) + (" | Avg |" if average else " |"),
+             f"two-sided {T_TESTS[test]} t-test, the average by the objective's main effect in a two-way ANOVA, objective x "
+             "data set, against the best).", "", "| objective | " + " | ".join(targets) + (" | Avg |" if average else " |"),
              "|---|" + "---|" * (len(targets) + average)]
     for o in objectives:
         cells = []
@@ -199,37 +205,64 @@ def table_two(runs: list[dict]) -> list[str]:
 def barrier_lines(barriers: list[dict]) -> list[str]:
     if not barriers:
         return []
+    first = barriers[0]["recomputed"]["test"]
     lines = ["### Loss and error barriers along θ(λ) = (1−λ)θ₀ + λθ₁", "",
-             "B = max over λ in [0, 1] of L(θ_λ) − ((1−λ)L(θ₀) + λL(θ₁)). Batch-norm moments recomputed at every λ on the "
-             "same training images (the protocol); in brackets, with the moments interpolated instead (what two public "
-             "codes do).", "",
+             "B = max over λ in [0, 1] of L(θ_λ) − ((1−λ)L(θ₀) + λL(θ₁)), on "
+             f"{first.get('images', '?')} test images drawn class-balanced, the error in the target's measure "
+             f"({barriers[0].get('measure', 'top1')}); in square brackets the 95 % bootstrap interval over the images. "
+             "Batch-norm moments recomputed at every λ on the same training images (the protocol); in round brackets, "
+             "with the moments interpolated instead (what two public codes do).", "",
              "| pair | test loss barrier | test error barrier (%) | train loss barrier | ‖θ₀ − θ₁‖₂ |", "|---|---|---|---|---|"]
     for b in barriers:
         r, i = b["recomputed"], b["interpolated"]
-        lines.append(f"| {b['a']} – {b['b']} | {r['test']['loss_barrier']:.3f} ({i['test']['loss_barrier']:.3f}) | "
-                     f"{100 * r['test']['error_barrier']:.1f} ({100 * i['test']['error_barrier']:.1f}) | "
+        lines.append(f"| {b['a']} – {b['b']} | {r['test']['loss_barrier']:.3f} {_interval(r['test'], 'loss')} "
+                     f"({i['test']['loss_barrier']:.3f}) | {100 * r['test']['error_barrier']:.1f} "
+                     f"{_interval(r['test'], 'error', 100, 1)} ({100 * i['test']['error_barrier']:.1f}) | "
                      f"{r['train']['loss_barrier']:.3f} ({i['train']['loss_barrier']:.3f}) | {b['distance']['all']:.2f} |")
     return lines + [""]
+
+
+def _interval(split: dict, name: str, scale: float = 1.0, digits: int = 3) -> str:
+    found = split.get(f"{name}_barrier_interval")
+    return "" if not found else f"[{scale * found[0]:.{digits}f}, {scale * found[1]:.{digits}f}]"
+
+
+def one_basin(split: dict) -> Optional[bool]:
+    """One basin when the 95 % interval of the test error barrier lies below 1 % (True), separated by a barrier when
+    it lies above (False); None when the interval holds 1 % (these images cannot tell)."""
+    low, high = split.get("error_barrier_interval") or (split["error_barrier"],) * 2
+    return True if high <= BASIN else (False if low > BASIN else None)
 
 
 def criticality_lines(found: list[dict]) -> list[str]:
     if not found:
         return []
     parts = list(found[0]["modules"])
+    c0 = found[0]
+    rule = (f"the mean train 0-1 error ({c0.get('measure', 'top1')}) over the draws is at most the final network's + "
+            f"{c0['epsilon']}" if c0.get("admissible", "loss") == "error" else
+            f"the mean train loss over the draws is at most (1 + {c0['epsilon']}) × the final network's (the public "
+            f"implementation's rule, not the definition's)")
     lines = ["### Module criticality (Chatterji et al. 2020)", "",
-             "μ_i = min over admissible (α, σ) of (α/σ)² ‖θ_i^F − θ_i^0‖²_F, admissible when the mean training loss over "
-             f"{found[0]['draws']} noise draws stays within (1 + {found[0]['epsilon']}) of the final network's; σ relative to "
-             "the RMS of the module's final weights; '>' where no point of the grid was admissible. Below each μ: the "
-             "test error (%) with that module alone rewound to its starting weights.", "",
-             "| run | " + " | ".join(parts) + " | network Σμ |", "|---|" + "---|" * (len(parts) + 1)]
-    for c in found:
+             "μ_i = min over admissible (α, σ) of α² Σ_t ‖θ_t^F − θ_t^0‖²_F / (σ s_t)²: every tensor t of module i gets noise "
+             "of std σ s_t, s_t its RMS (noise proportional to each weight matrix's Frobenius norm), and μ divides by that "
+             f"std; admissible when {rule}, over {c0['draws']} noise draws; modules: "
+             f"{'each convolution or linear layer with its batch norm' if c0.get('modules_by') == 'layers' else 'blocks'}; "
+             "'>' where no point of the grid was admissible. Below each μ: the test error (%) with that module alone "
+             "rewound to its starting weights.", "",
+             "| module | " + " | ".join(c["run"] for c in found) + " |", "|---|" + "---|" * len(found)]
+    for part in parts:
         cells = []
-        for part in parts:
-            m = c["modules"][part]
+        for c in found:
+            m = c["modules"].get(part)
+            if m is None:
+                cells.append("–")
+                continue
             mu = "> grid" if m["criticality"] is None else f"{m['criticality']:.3g}"
             cells.append(f"{mu} / {100 * m['rewound_test_error']:.0f} %")
-        total = "–" if c["network_criticality"] is None else f"{c['network_criticality']:.3g}"
-        lines.append(f"| {c['run']} | " + " | ".join(cells) + f" | {total} |")
+        lines.append(f"| {part} | " + " | ".join(cells) + " |")
+    totals = ["–" if c["network_criticality"] is None else f"{c['network_criticality']:.3g}" for c in found]
+    lines.append("| network Σμ | " + " | ".join(totals) + " |")
     return lines + [""]
 
 
@@ -271,10 +304,12 @@ def findings(groups: dict, summaries: dict, transfer: dict) -> list[str]:
                          f"epoch {points[-1][0]}: {100 * points[-1][1]:.1f} %).")
     for b in transfer["barriers"]:
         r, i = b["recomputed"]["test"], b["interpolated"]["test"]
-        basin = "one basin (test error barrier ≤ 1 %)" if r["error_barrier"] <= 0.01 else "separated by a barrier"
-        lines.append(f"- {b['a']} and {b['b']}: {basin}; test loss barrier {r['loss_barrier']:.3f}, error barrier "
-                     f"{100 * r['error_barrier']:.1f} % (with interpolated batch-norm moments {i['loss_barrier']:.3f} and "
-                     f"{100 * i['error_barrier']:.1f} %).")
+        basin = {True: f"one basin (the 95 % interval of the test error barrier lies below {BASIN:.0%})",
+                 False: f"separated by a barrier (the 95 % interval of the test error barrier lies above {BASIN:.0%})",
+                 None: f"undecided (the 95 % interval of the test error barrier holds {BASIN:.0%}: more images would tell)"}
+        lines.append(f"- {b['a']} and {b['b']}: {basin[one_basin(r)]}; test loss barrier {r['loss_barrier']:.3f}, error "
+                     f"barrier {100 * r['error_barrier']:.1f} % {_interval(r, 'error', 100, 1)} (with interpolated batch-norm "
+                     f"moments {i['loss_barrier']:.3f} and {100 * i['error_barrier']:.1f} %).")
     for c in transfer["criticality"]:
         mus = [(p, m["criticality"]) for p, m in c["modules"].items()]
         known = [(p, mu) for p, mu in mus if mu is not None]
@@ -390,7 +425,7 @@ def figure_criticality(found: list[dict], path: Path) -> Path:
                     hatch=None, color=f"C{k}", alpha=0.85)
         axes[1].bar(x, [100 * c["modules"][p]["rewound_test_error"] for p in parts], width, label=c["run"], color=f"C{k}")
     for ax in axes:
-        ax.set_xticks(np.arange(len(parts)) + 0.4 - width / 2, parts, rotation=30)
+        ax.set_xticks(np.arange(len(parts)) + 0.4 - width / 2, parts, rotation=90, fontsize=6)
     axes[0].set(yscale="log", ylabel="module criticality μ", title="criticality by module (beyond the grid: 10x the largest)")
     axes[1].set(ylabel="test error (%) with the module rewound", title="rewinding one module")
     axes[0].legend(fontsize=7)

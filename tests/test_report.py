@@ -1,6 +1,7 @@
 """The report: statistics against scipy on synthetic runs, partial studies, mixed configs, nothing to report."""
 
 import csv
+import itertools
 import json
 import math
 import re
@@ -73,7 +74,7 @@ def test_table_cells_bold_and_spearman_agree_with_scipy(tmp_path):
     r2 = [np.mean([v["class_separation/train/penultimate"] for v in runs]) for runs in truth.values()]
     transfer = [np.mean([(v["probe/texture/linear_acc"] + v["probe/other/linear_acc"]) / 2 for v in runs]) for runs in truth.values()]
     rho, p = stats.spearmanr(r2, transfer)
-    assert f"= {rho:.2f} (p = {p:.3g})" in report
+    assert f"= {rho:.2f} (p = {p:.3g}; two-sided, scipy.stats.spearmanr's t-distribution approximation)" in report
     assert "| Sigmoid | 3 |" in report  # the number of seeds in its column
 
     rows = list(csv.DictReader((tmp_path / "report" / "results.csv").open()))
@@ -148,3 +149,166 @@ def test_table_two_bolds_by_t_test_per_data_set_and_anova_for_the_average():
     softmax, squared = (next(l for l in lines if l.startswith(f"| {o} |")) for o in ("Softmax", "SquaredError"))
     assert softmax == "| Softmax | **80.0 ± 0.6** | **60.0 ± 0.6** | **70.0** |"
     assert squared.startswith("| SquaredError | 70.0 ± 0.6 | **60.0 ± 1.2** |") and not squared.endswith("**65.0** |")
+
+
+def test_figure_5a_names_its_test_and_sets_only_the_papers_rho_beside_it(tmp_path):
+    """The paper's p = 0.002 is not what scipy's test gives on its own nine points (p = 0.00024): the report gives
+    the paper's ρ and says so, instead of setting two incomparable p-values side by side."""
+    from study.report import paper_points, paper_values
+
+    rng = np.random.default_rng(4)
+    for experiment, shift in (("softmax", 0.0), ("sigmoid", 0.05), ("squared_error", 0.2)):
+        for seed in range(2):
+            write_run(tmp_path, experiment, seed, synthetic_values(rng, shift))
+    report = write_report(collect_folder(tmp_path), tmp_path / "report").read_text()
+    objectives, r2, transfer = paper_points(paper_values())
+    assert len(objectives) == 9
+    rho, p = stats.spearmanr(r2, transfer)  # the paper's Tables 3 and 1: ρ = −0.93, p = 0.00024
+    assert round(rho, 2) == -0.93 and p == pytest.approx(2.36e-4, rel=0.01)
+    line = next(l for l in report.splitlines() if l.startswith("Figure 5a"))
+    assert f"The paper: ρ = {rho:.2f} over its 9 objectives" in line and f"gives p = {p:.2g} on them" in line
+    assert "(p = 0.002)" not in report and "Its p = 0.002 does not follow" in line
+
+
+def test_figure_5b_names_its_test_and_the_papers_rho_within_table_four(tmp_path):
+    from study.report import paper_points, paper_values
+
+    rng = np.random.default_rng(5)
+    for tau in ("0.01", "0.05", "0.08"):
+        for seed in range(2):
+            write_run(tmp_path, f"tau_{tau}", seed, synthetic_values(rng, float(tau)))
+    report = write_report(collect_folder(tmp_path), tmp_path / "report").read_text()
+    line = next(l for l in report.splitlines() if l.startswith("Figure 5b"))
+    temperatures, r2, transfer = paper_points(paper_values(), "table4")
+    assert len(temperatures) == 8
+    assert "(p = " in line and "scipy.stats.spearmanr's t-distribution approximation" in line
+    assert f"The paper: ρ = {stats.spearmanr(r2, transfer).statistic:.2f} over its 8 temperatures (Table 4)." in line
+
+
+def test_the_tables_say_which_t_test_ran_and_bold_by_it(tmp_path):
+    """Welch's (default) and Student's differ here: 3 seeds each, one row spread 8 times more than the best."""
+    from study.report import Cell, column
+
+    best, other = [80.0, 80.2, 79.8], [77.0, 78.6, 75.4]
+    welch = stats.ttest_ind(other, best, equal_var=False).pvalue
+    student = stats.ttest_ind(other, best, equal_var=True).pvalue
+    assert student < 0.05 <= welch  # the case where the choice matters
+    for test, p in (("welch", welch), ("student", student)):
+        cells = column({"best": Cell(best), "other": Cell(other)}, test=test)
+        assert cells["best"].bold and cells["other"].p_vs_best == pytest.approx(p, rel=1e-12)
+        assert cells["other"].bold == (p >= 0.05)
+    with pytest.raises(ValueError, match="choose one of welch, student"):
+        column({"best": Cell(best)}, test="paired")
+
+    rng = np.random.default_rng(6)
+    for experiment, shift in (("softmax", 0.0), ("sigmoid", 0.005)):
+        for seed in range(3):
+            write_run(tmp_path, experiment, seed, synthetic_values(rng, shift))
+    for test, name in (("welch", "Welch's"), ("student", "Student's")):
+        report = write_report(collect_folder(tmp_path), tmp_path / test, t_test=test).read_text()
+        assert f"(two-sided {name} t-test, p ≥ 0.05;" in report
+
+
+def test_table_two_offers_student_and_welch_and_says_which_ran(tmp_path):
+    from study.runs import Collected
+    from study.transfer_report import table_two
+
+    def run(objective, acc):
+        return {"kind": "P-T", "block_shuffle": None, "pretraining_epoch": 5, "pretraining_objective": objective,
+                "experiment": f"p_t_{objective}", "target": "a", "measure": "top1",
+                "curve": {"accuracy": [(10, acc / 2), (20, acc)], "loss": []}}
+
+    runs = [run("Softmax", v / 100) for v in (80.0, 80.2, 79.8)] + [run("Sigmoid", v / 100) for v in (77.0, 78.6, 75.4)]
+    for test, name, bold in (("welch", "Welch's", True), ("student", "Student's", False)):
+        lines = table_two(runs, test=test)
+        assert any(f"a two-sided {name} t-test" in l for l in lines)
+        sigmoid = next(l for l in lines if l.startswith("| Sigmoid |"))
+        assert sigmoid.startswith("| Sigmoid | **") == bold  # p = 0.081 (Welch), 0.032 (Student)
+    assert any("Welch's" in l for l in table_two(runs))  # the default
+    transfer = {"runs": runs, "barriers": [], "criticality": []}  # the report's choice reaches Table 2
+    report = write_report(Collected(), tmp_path, transfer=transfer, t_test="student").read_text()
+    assert "a two-sided Student's t-test" in report and "| Sigmoid | 77.0 ± 0.9 |" in report
+
+
+EXPERIMENTS = ("softmax", "sigmoid", "squared_error")
+
+
+def cka_of_two_seeds(rng, seeds=(0, 1)):
+    """A cka.json as study_cka writes it for two seeds, its runs in an order of their own (experiment by experiment)."""
+    runs = [f"{e}/seed{s}" for e in EXPERIMENTS for s in seeds]
+    m = rng.uniform(0.3, 0.95, (len(runs), len(runs)))
+    m = (m + m.T) / 2
+    np.fill_diagonal(m, 1.0)
+    agreement = [{"a": a, "b": b, "agreement": rng.uniform(0.5, 0.9), "both_right_or_both_wrong": rng.uniform(0.6, 0.9),
+                  "both_wrong": rng.uniform(0.1, 0.3), "shared_wrong": rng.uniform(0.2, 0.6)}
+                 for a, b in itertools.combinations(runs, 2)]
+    return {"pairs": [], "matrix": {"layer": "penultimate", "runs": runs, "cka": m.tolist(), "seed": seeds[0],
+                                    "column_seed": seeds[1] if len(seeds) > 1 else None}, "agreement": agreement}
+
+
+def spread(values, digits=2):
+    return f"mean {np.mean(values):.{digits}f}, min {np.min(values):.{digits}f}, max {np.max(values):.{digits}f}"
+
+
+def test_figure_2b_has_rows_of_one_seed_and_columns_of_another_so_its_diagonal_is_two_initialisations(tmp_path):
+    from study.report import cka_parts, cross_seed
+
+    cka = cka_of_two_seeds(np.random.default_rng(7))
+    runs, m = cka["matrix"]["runs"], np.array(cka["matrix"]["cka"])
+    at = lambda a, b: m[runs.index(a), runs.index(b)]  # noqa: E731
+    diagonal = [at(f"{e}/seed0", f"{e}/seed1") for e in EXPERIMENTS]
+    off = [at(f"{e}/seed0", f"{f}/seed1") for e in EXPERIMENTS for f in EXPERIMENTS if e != f]
+    assert max(diagonal) < 1
+
+    block = cross_seed(cka["matrix"])
+    assert block.rows == [f"{e}/seed0" for e in EXPERIMENTS] and block.columns == [f"{e}/seed1" for e in EXPERIMENTS]
+    np.testing.assert_array_equal(np.diag(block.cka), diagonal)
+    lines, figures = cka_parts(cka, tmp_path)
+    text = "\n".join(lines)
+    assert ("rows: the experiments' runs of seed 0, columns: their runs of seed 1. Same objective, different "
+            f"initialisation (the diagonal, 3 experiments): {spread(diagonal)}; different objectives (off the diagonal, "
+            f"6 pairs of runs): {spread(off)}.") in text
+    assert f"softmax {diagonal[0]:.2f}, sigmoid {diagonal[1]:.2f}, squared_error {diagonal[2]:.2f}." in text
+    assert all(f.stat().st_size > 1000 for f in figures)
+
+
+def test_figure_2b_of_one_seed_says_its_diagonal_is_a_run_with_itself():
+    from study.report import cka_section
+
+    cka = cka_of_two_seeds(np.random.default_rng(8), seeds=(0,))
+    m = np.array(cka["matrix"]["cka"])
+    text = "\n".join(cka_section(cka))
+    assert f"CKA between the 3 runs of seed 0: between different runs {spread(m[~np.eye(3, dtype=bool)])}" in text
+    assert "the diagonal compares each run with itself (1 by definition, the study has one seed)" in text
+
+
+def test_agreement_is_reported_within_and_between_objectives_over_every_seed_pair():
+    """Figure C.4 as the paper compares it: two seeds of one objective against runs of different objectives."""
+    from study.report import agreement_matrix, cka_section
+
+    cka = cka_of_two_seeds(np.random.default_rng(9), seeds=(0, 1, 2))
+    cka["agreement"][0]["shared_wrong"] = float("nan")  # no image wrong for both: left out, not averaged as 0
+    rows = cka["agreement"]
+    of = lambda name: name.split("/")[0]  # noqa: E731
+    text = "\n".join(cka_section(cka))
+    for e in EXPERIMENTS:
+        within = [r for r in rows if of(r["a"]) == of(r["b"]) == e]
+        between = [r for r in rows if (of(r["a"]) == e) != (of(r["b"]) == e)]
+        assert len(within) == 3 and len(between) == 2 * 9  # 3 seed pairs; 3 x 3 runs against each other experiment
+        cells = [spread([r[k] for r in group if math.isfinite(r[k])], 3)
+                 for k in ("agreement", "shared_wrong") for group in (within, between)]
+        assert f"| {e} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |" in text
+    within = [r["agreement"] for r in rows if of(r["a"]) == of(r["b"])]
+    between = [r["agreement"] for r in rows if of(r["a"]) != of(r["b"])]
+    assert f"| all (9 pairs within, 27 between) | {spread(within, 3)} | {spread(between, 3)} |" in text
+
+    names, matrix = agreement_matrix(rows, "agreement")
+    assert names == list(EXPERIMENTS)
+    for (i, e), (j, f) in itertools.product(enumerate(EXPERIMENTS), repeat=2):
+        pairs = [r["agreement"] for r in rows if {of(r["a"]), of(r["b"])} == {e, f} and (e != f or of(r["a"]) == of(r["b"]))]
+        assert matrix[i, j] == pytest.approx(np.mean(pairs), rel=1e-12)  # the diagonal: seeds of one objective, not 1
+    names, shared = agreement_matrix(rows, "shared_wrong")
+    first = rows[0]
+    assert np.isfinite(shared).all() and of(first["a"]) == of(first["b"]) == "softmax"
+    softmax = [r["shared_wrong"] for r in rows if of(r["a"]) == of(r["b"]) == "softmax" and math.isfinite(r["shared_wrong"])]
+    assert len(softmax) == 2 and shared[0, 0] == pytest.approx(np.mean(softmax), rel=1e-12)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -84,7 +85,7 @@ def test_seed_in_an_override_is_the_runs_seed_and_a_grid_trains_every_seed(tmp_p
     for run in [*grid, study.run("ft/seed0"), study.run("ft/seed2")]:
         assert f"--model.init_from={tmp_path / 'pre' / f'seed{run.seed}' / 'last.ckpt'}" in run.overrides
     assert [r.name for r in study.runs if r.experiment == "softmax"] == ["softmax/seed0"]
-    assert {"--model.lr_per_256=0.2", f"--model.weight_decay={1e-5 / 0.2}"} <= set(study.run("ft_grid_lr1_wd1/seed2").overrides)
+    assert {"--model.lr_per_256=0.2", "--model.lr_times_weight_decay=1e-05"} <= set(study.run("ft_grid_lr1_wd1/seed2").overrides)
     with pytest.raises(StudyError, match=r"grid holds values that are not numbers.*write 1.0e-5"):
         Study.load(_with_experiment(study_file(tmp_path, [good]),
                                     f"- {{name: ft, config: {good}, grid: {{lr_per_256: [1e-5]}}}}\n"))
@@ -116,14 +117,16 @@ def test_runs_come_in_stages_after_the_runs_they_start_from(tmp_path, monkeypatc
     monkeypatch.chdir(REPO)
     study = Study.load("configs/studies/transfer.yaml")
     ordered = [[s.run.name for s in stage] for stage in stages(study, [run_state(r) for r in study.runs])]
-    assert ordered[0] == ["pretrain/seed0", "ri_t/seed0", "ri_t/seed1", "ri_t_block1/seed0", "ri_t_block4/seed0",
+    # P-T and RI-T get the same grid: RI-T's grid needs nothing, its refit waits for it; P-T's waits for pre-training.
+    grid = [f"grid_lr{i}_wd0/seed{s}" for i in (0, 1) for s in (0, 1)]
+    assert ordered[0] == ["pretrain/seed0", *(f"ri_t_{g}" for g in grid), "ri_t_block1/seed0", "ri_t_block4/seed0",
                           "ri_t_block8/seed0"]
-    assert ordered[1][:8] == [f"p_t_grid_lr{i}_wd{j}/seed{s}" for i in (0, 1) for j in (0, 1) for s in (0, 1)]
-    assert {n.split("/")[0] for n in ordered[1][8:]} == {f"p_t_epoch{e}" for e in range(4)} | {f"p_t_block{b}" for b in (1, 4, 8)}
+    assert ordered[1][:6] == [*(f"p_t_{g}" for g in grid), "ri_t/seed0", "ri_t/seed1"]
+    assert {n.split("/")[0] for n in ordered[1][6:]} == {f"p_t_epoch{e}" for e in range(4)} | {f"p_t_block{b}" for b in (1, 4, 8)}
     assert ordered[2] == ["p_t/seed0", "p_t/seed1"]
     spec = yaml.safe_load(Path("configs/studies/transfer.yaml").read_text())
     spec["experiments"] = spec["experiments"][2:3]  # ri_t alone, fine-tuning from a checkpoint nothing trains
-    del spec["transfer"]
+    del spec["transfer"], spec["experiments"][0]["grid"]
     spec["experiments"][0]["overrides"] = [f"--model.init_from={tmp_path / 'gone.ckpt'}", f"--trainer.default_root_dir={tmp_path}"]
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
     alone = Study.load(tmp_path / "study.yaml")
@@ -261,3 +264,30 @@ def test_every_embedded_experiment_builds_with_its_objective():
         assert built.model.hparams.num_classes == 60 and built.model.hparams.backbone == "test_resnet"
         assert objective_slug(built.model.hparams.objective) == config.stem
         assert [type(c).__name__ for c in built.trainer.callbacks][:2] == ["RepresentationMeasurements", "TransferProbes"]
+
+
+@pytest.mark.parametrize("seeds, row_seed, column_seed", [((0, 1, 2), 1, 2), ((0, 3), 3, 0), ((0,), 0, None)])
+def test_study_cka_puts_two_seeds_in_the_matrix_so_figure_2b_crosses_them(tmp_path, monkeypatch, seeds, row_seed, column_seed):
+    """Figure 2b's diagonal is one objective from two initialisations: the matrix holds the runs of cka.seed and of the
+    study's next seed (after the last: the first), with one seed that seed's alone; cka.json says which is which."""
+    import study.compare
+    import study.sweep
+    from study.__main__ import study_cka
+
+    configs = [REPO / "configs" / "embedded" / f"{name}.yaml" for name in ("softmax", "sigmoid")]
+    spec = Study.load(study_file(tmp_path, configs, seeds=seeds, extra=f"cka: {{layer: penultimate, seed: {row_seed}}}\n"
+                                                                       f"agreement: true\n"))
+    monkeypatch.setattr(study.sweep, "run_state", lambda run: SimpleNamespace(state="finished", folder=tmp_path / run.name))
+    called = {}
+
+    def compare(networks, pairs, matrix, layer, agreement, **kwargs):
+        called.update(networks=networks, matrix=matrix, agreement=agreement)
+        return {"pairs": [], "matrix": {"layer": layer, "runs": matrix, "cka": np.eye(len(matrix)).tolist()}, "agreement": []}
+
+    monkeypatch.setattr(study.compare, "compare", compare)
+    study_cka(spec, SimpleNamespace(is_global_zero=True))
+    expected = [f"{e}/seed{s}" for s in (row_seed, column_seed) if s is not None for e in ("softmax", "sigmoid")]
+    assert called["matrix"] == expected and called["agreement"] is True
+    assert called["networks"] == {n: str(tmp_path / n) for n in sorted(expected)}
+    written = json.loads((tmp_path / "report" / "cka.json").read_text())["matrix"]
+    assert (written["runs"], written["seed"], written["column_seed"]) == (expected, row_seed, column_seed)
