@@ -7,7 +7,9 @@ then a linear probe (L2-regularised logistic regression, strength chosen on a sp
 train, refit on all of train) and a kNN probe (cosine similarity, k by leave-one-out on train), each
 scored in the data set's own measure (top-1, or mean per-class accuracy for Pets and Flowers) as
 recorded in the sidecar the converter wrote. Logged as ``probe/<dataset>/{linear_acc,knn_acc,
-linear_l2,knn_k}``.
+linear_l2,knn_k}``, with ``linear_unconverged``: how many of the linear probe's L-BFGS fits (one per λ of
+the sweep, and the refit) stopped at the iteration cap unconverged, 0 when every one converged (the
+probe warns when the chosen λ's did not).
 """
 
 from __future__ import annotations
@@ -114,6 +116,8 @@ class TransferProbes(MeasurementCallback):
                 result = linear_probe(train_x, train_y, test_x, test_y, measure=measure)
                 scalars[f"probe/{name}/linear_acc"] = result.accuracy
                 scalars[f"probe/{name}/linear_l2"] = result.l2
+                unconverged = len(result.unconverged) + (not result.refit.converged)
+                scalars[f"probe/{name}/linear_unconverged"] = float(unconverged)
             if self.knn:
                 result = knn_probe(train_x, train_y, test_x, test_y, measure=measure)
                 scalars[f"probe/{name}/knn_acc"] = result.accuracy

@@ -29,7 +29,9 @@ Why one loop serves both, convex or not:
 
 ``objective(θ)`` returns (f as a float, ∇f as a tensor shaped like θ, 1-D). Stops when max |∇f| ≤ ``tol``,
 after ``max_iter`` iterations, or when f stops decreasing at float resolution (relative decrease ≤ the
-dtype's ε: scipy's ``ftol`` test), beyond which float32 cannot go.
+dtype's ε: scipy's ``ftol`` test), beyond which float32 cannot go. ``lbfgs`` returns θ with a
+``Convergence`` record saying which of these ended the run (the first two are convergence, the cap is
+not); ``minimise`` returns θ alone.
 """
 
 from __future__ import annotations
@@ -37,15 +39,33 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["minimise"]
+__all__ = ["Convergence", "lbfgs", "minimise"]
 
 # Weak Wolfe constants (Nocedal and Wright, eq. 3.6): sufficient decrease and curvature (module docstring).
 SUFFICIENT_DECREASE = 1e-4
 CURVATURE = 0.99
+
+
+@dataclass(frozen=True)
+class Convergence:
+    """How one L-BFGS run ended. ``stop``: ``"gradient"`` (max |∇f| ≤ tol), ``"stalled"`` (f stopped
+    decreasing at float resolution: the relative-decrease test, a line search that found no decrease, or a
+    direction that is no longer one of descent), ``"max_iter"`` (the iteration cap, before either) or
+    ``"not finite"`` (f or ∇f became NaN or infinite). ``iterations``: L-BFGS iterations taken;
+    ``gradient_max``: max |∇f| at the returned θ."""
+
+    stop: str
+    iterations: int
+    gradient_max: float
+
+    @property
+    def converged(self) -> bool:
+        return self.stop in ("gradient", "stalled")
 
 
 def _direction(grad: Tensor, pairs: deque[tuple[Tensor, Tensor]]) -> Tensor:
@@ -100,32 +120,48 @@ def _line_search(
     return longest
 
 
-def minimise(
+def lbfgs(
     objective: Callable[[Tensor], tuple[float, Tensor]], theta: Tensor, max_iter: int, tol: float, history: int = 10
-) -> Tensor:
-    """θ minimising ``objective`` from ``theta`` (1-D) by L-BFGS with ``history`` pairs (scipy's default 10)
-    and a weak-Wolfe line search; the module docstring says why for convex and non-convex f."""
+) -> tuple[Tensor, Convergence]:
+    """(θ minimising ``objective`` from ``theta`` (1-D), how the run ended) by L-BFGS with ``history`` pairs
+    (scipy's default 10) and a weak-Wolfe line search; the module docstring says why for convex and
+    non-convex f."""
     eps = torch.finfo(theta.dtype).eps
     loss, grad = objective(theta)
     pairs: deque[tuple[Tensor, Tensor]] = deque(maxlen=history)
-    for _ in range(max_iter):
-        if grad.abs().max() <= tol:
+    stop, iterations = "max_iter", 0
+    while True:
+        if grad.abs().max() <= tol:  # checked after the last iteration too: the cap is reached only above tol
+            stop = "gradient"
+            break
+        if iterations == max_iter:
             break
         direction = _direction(grad, pairs)
         slope = float(grad.dot(direction))
         if not slope < 0:  # H is positive definite, so only at float resolution (or NaN): stop
+            stop = "stalled" if math.isfinite(slope) else "not finite"
             break
         # No curvature known yet: a first step of length at most 1 in the ℓ1 norm (torch's LBFGS rule).
         first = 1.0 if pairs else min(1.0, 1.0 / float(grad.abs().sum()))
         found = _line_search(objective, theta, direction, loss, slope, first)
         if found is None:
-            break  # no decrease found: the line is flat at float resolution
+            stop = "stalled"  # no decrease found: the line is flat at float resolution
+            break
         step, new_loss, new_grad = found
         s, y = step * direction, new_grad - grad
         if s.dot(y) > eps * y.dot(y):  # Wolfe makes sᵀy > 0; this catches float noise and a search cut short
             pairs.append((s, y))
         stalled = loss - new_loss <= eps * max(abs(loss), abs(new_loss), 1.0)
         theta, loss, grad = theta + s, new_loss, new_grad
+        iterations += 1
         if stalled:
+            stop = "stalled"
             break
-    return theta
+    return theta, Convergence(stop, iterations, float(grad.abs().max()))
+
+
+def minimise(
+    objective: Callable[[Tensor], tuple[float, Tensor]], theta: Tensor, max_iter: int, tol: float, history: int = 10
+) -> Tensor:
+    """θ alone from ``lbfgs``, for callers that need no record of how it ended."""
+    return lbfgs(objective, theta, max_iter, tol, history)[0]

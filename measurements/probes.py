@@ -34,20 +34,23 @@ serves every candidate k, so extra memory is O(chunk_size·N + N·len(ks)), neve
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .accuracy import MEASURES, check_measure, score
-from .lbfgs import minimise
+from .lbfgs import Convergence, lbfgs
 
 __all__ = [
     "DEFAULT_STRENGTHS",
     "DEFAULT_KS",
     "LinearProbeResult",
+    "LogisticFit",
     "KnnProbeResult",
     "stratified_split",
     "fit_logistic_regression",
@@ -69,12 +72,29 @@ _MAX_CHUNK = 1024
 @dataclass
 class LinearProbeResult:
     """``accuracy``: test score in the measure; ``l2``: the selected λ; ``val_accuracies[i]``: the
-    validation score of ``strengths[i]``, in sweep order (strongest regularisation first)."""
+    validation score of ``strengths[i]``, in sweep order (strongest regularisation first); ``fits[i]``:
+    how that fit's L-BFGS ended (``lbfgs.Convergence``); ``refit``: the same for the refit on
+    train + validation with ``l2``, which gives ``accuracy``."""
 
     accuracy: float
     l2: float
     val_accuracies: list[float]
     strengths: list[float]
+    fits: list[Convergence]
+    refit: Convergence
+
+    @property
+    def unconverged(self) -> list[float]:
+        """The λ of the sweep whose fits did not converge (stopped at ``max_iter``), in sweep order."""
+        return [l2 for l2, fit in zip(self.strengths, self.fits) if not fit.converged]
+
+
+class LogisticFit(NamedTuple):
+    """``fit_logistic_regression``'s answer: W (D × C), b (C) and how its L-BFGS ended."""
+
+    weight: Tensor
+    bias: Tensor
+    convergence: Convergence
 
 
 @dataclass
@@ -154,19 +174,20 @@ def fit_logistic_regression(
     y: Tensor,
     num_classes: int,
     l2: float,
-    init: tuple[Tensor, Tensor] | None = None,
+    init: tuple[Tensor, Tensor] | LogisticFit | None = None,
     max_iter: int = 100,
     tol: float = 1e-4,
-) -> tuple[Tensor, Tensor]:
-    """One fit of appendix A.2's probe: (W (D × C), b (C)) minimising Σ_i CE(x_i W + b, y_i) + (λ/2)‖W‖²_F
+) -> LogisticFit:
+    """One fit of appendix A.2's probe: W (D × C) and b (C) minimising Σ_i CE(x_i W + b, y_i) + (λ/2)‖W‖²_F
     with λ = ``l2`` (scikit-learn's C = 1/λ), for ``x`` as given (not standardised; centred internally,
     which changes only the speed, on one centred copy of ``x``).
 
-    Full-batch L-BFGS (``lbfgs.minimise``: 10 correction pairs, weak-Wolfe line search) on L/N from
+    Full-batch L-BFGS (``lbfgs.lbfgs``: 10 correction pairs, weak-Wolfe line search) on L/N from
     ``init`` (a warm start) or zeros, for at most ``max_iter`` iterations, stopping once
     max |∇(L/N)| ≤ ``tol`` (scikit-learn's ``lbfgs`` rule; its default ``tol`` is the same 1e-4) or when
-    L/N stops changing at float resolution. Computed in float32 (float64 if ``x`` is float64) on ``x``'s
-    device; the returned tensors are new.
+    L/N stops changing at float resolution (both count as converged; ``convergence`` says which, after
+    how many iterations, at what gradient), else at ``max_iter``, unconverged. Computed in float32
+    (float64 if ``x`` is float64) on ``x``'s device; the returned tensors are new.
     """
     _check_labelled(x, y, num_classes, "logistic regression")
     if l2 < 0:
@@ -182,7 +203,7 @@ def fit_logistic_regression(
     # converge several times faster on features far from the origin. Optimised: (W, b' = b + mW).
     mean = x.to(dtype).mean(0)
     x, y = x.to(dtype) - mean, y.to(x.device)
-    weight, bias = (t.detach().to(x.device, dtype) for t in init)
+    weight, bias = (t.detach().to(x.device, dtype) for t in init[:2])  # a LogisticFit, too
     # θ = [Wᵀ (C × D, row-major), b']: both products below then run in the layouts BLAS is fastest in.
     theta = torch.cat([weight.T.flatten(), bias + mean @ weight])
     rows = torch.arange(n, device=x.device)
@@ -199,9 +220,9 @@ def fit_logistic_regression(
         torch.sum(p, 0, out=grad[c * d:])
         return float(loss), grad.div_(n)
 
-    theta = minimise(objective, theta, max_iter, tol)
+    theta, convergence = lbfgs(objective, theta, max_iter, tol)
     weight = theta[: c * d].view(c, d).T
-    return weight, theta[c * d:] - mean @ weight
+    return LogisticFit(weight, theta[c * d:] - mean @ weight, convergence)
 
 
 def linear_probe(
@@ -229,7 +250,10 @@ def linear_probe(
     λ wins, ties going to the stronger regularisation. The probe is then refit on train + validation
     with that λ, warm-started from its sweep solution, and scored on the test set.
 
-    ``max_iter`` and ``tol`` apply to every fit (see ``fit_logistic_regression``).
+    ``max_iter`` and ``tol`` apply to every fit (see ``fit_logistic_regression``). The result records how
+    each fit ended (``fits``, ``refit``; ``unconverged`` lists the λ whose sweep fits hit ``max_iter``).
+    Weakly regularised fits on wide features may stop at the cap without harm, as long as they are not
+    chosen; if the chosen λ's sweep fit or its refit stopped at the cap, a warning names it.
     """
     num_classes = _check_probe_inputs(train_x, train_y, test_x, test_y, num_classes, measure)
     strengths = sorted(DEFAULT_STRENGTHS if strengths is None else strengths, reverse=True)
@@ -241,16 +265,28 @@ def linear_probe(
     fit_idx, val_idx = stratified_split(train_y, val_fraction, seed)
     fit_x, fit_y, val_x, val_y = train_x[fit_idx], train_y[fit_idx], train_x[val_idx], train_y[val_idx]
 
-    solution, best, val_scores = None, None, []
+    init, best, val_scores, fits = None, None, [], []
     for l2 in strengths:
-        solution = fit_logistic_regression(fit_x, fit_y, num_classes, l2, solution, max_iter, tol)
-        val_scores.append(score(torch.addmm(solution[1], val_x, solution[0]), val_y, measure))
+        weight, bias, convergence = fit_logistic_regression(fit_x, fit_y, num_classes, l2, init, max_iter, tol)
+        init = weight, bias
+        val_scores.append(score(torch.addmm(bias, val_x, weight), val_y, measure))
+        fits.append(convergence)
         if best is None or val_scores[-1] > best[0]:  # strict: ties keep the stronger λ
-            best = (val_scores[-1], l2, solution)
-    _, l2, solution = best
-    weight, bias = fit_logistic_regression(train_x, train_y, num_classes, l2, solution, max_iter, tol)
+            best = (val_scores[-1], l2, init, convergence)
+    _, l2, init, chosen = best
+    weight, bias, refit = fit_logistic_regression(train_x, train_y, num_classes, l2, init, max_iter, tol)
+    for what, fit in (("sweep fit", chosen), ("refit on train + validation", refit)):
+        if not fit.converged:
+            warnings.warn(
+                f"Linear probe: the {what} of the chosen L2 strength λ = {l2:.3g} did not converge: it stopped "
+                f"({fit.stop}) after {fit.iterations} iterations (max_iter = {max_iter}) with max |gradient| = "
+                f"{fit.gradient_max:.3g} > tol = {tol:g}, so the probe's score comes from an unfinished fit. "
+                f"Raise max_iter.",
+                stacklevel=2,
+            )
     test_score = score(torch.addmm(bias, test_x, weight), test_y, measure)
-    return LinearProbeResult(accuracy=test_score, l2=l2, val_accuracies=val_scores, strengths=list(strengths))
+    return LinearProbeResult(accuracy=test_score, l2=l2, val_accuracies=val_scores, strengths=list(strengths),
+                             fits=fits, refit=refit)
 
 
 # ---------------------------------------------------------------------------------------------------
