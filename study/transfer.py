@@ -1,20 +1,24 @@
 """What is being transferred (Neyshabur et al. 2020): loss barriers along the straight path between two networks,
 parameter distance, and module criticality (Chatterji et al. 2020), as passes on Lightning's Trainer.
 
-Every pass evaluates fixed, un-augmented images (``FixedImages``: the first ``images`` of the training set and
-of the test set, in fixed batches, each batch whole on one process) and sums per-example losses and errors in
-torchmetrics states, so the numbers are the same on any number of processes. The formulas are in
+Every pass evaluates fixed, un-augmented images (``FixedImages``: ``images`` of the training set and of the test
+set drawn class-balanced from a seed, in fixed batches, each batch whole on one process) and keeps per-class sums
+(or per-image values) in torchmetrics states, so the numbers are the same on any number of processes. Errors are
+1 - the target's accuracy measure (top-1, or mean per class for Pets and Flowers). The formulas are in
 ``measurements/weight_space.py``.
 
 - Barrier: theta(lam) = (1 - lam) theta_0 + lam theta_1 for every lam of the grid, each network built when the
   pass starts, its batch-norm moments recomputed on the same fixed training images (``recompute_batch_norm``;
   never interpolated, which overstates the barrier), then train and test loss and error of every lam in
-  one pass over the images.
-- Criticality: for every module i, point (alpha, sigma) and noise draw, module i at (1 - alpha) theta_i^0 +
-  alpha theta_i^F plus noise of std sigma (sigma relative to the RMS of the module's final weights), the other
-  modules final; the mean training loss over the draws decides admissibility. Batch-norm moments stay the
-  final network's (the definition perturbs weights; the moments are not). Also every module rewound to
-  theta_i^0 alone, on train and test.
+  one pass over the images; a 95 % interval of each barrier from a bootstrap over the images.
+- Criticality (Chatterji et al. 2020, Definition 1): for every module i (a layer: a convolution or linear layer
+  with its batch norm; or a block), point (alpha, sigma) and noise draw, module i at (1 - alpha) theta_i^0 +
+  alpha theta_i^F plus Gaussian noise, each tensor t's of std sigma s_t with s_t its RMS (noise proportional to
+  each weight matrix's norm), the other modules final; admissible when the mean train 0-1 error over the draws
+  is within epsilon of the final network's (or, as an option, the mean loss within (1 + epsilon) of its loss);
+  mu_i = min (alpha / sigma)^2 sum_t ||theta_t^F - theta_t^0||^2 / s_t^2, the distance over the std actually added.
+  Batch-norm moments stay the final network's (the definition perturbs weights; the moments are not). Also every
+  module rewound to theta_i^0 alone, on train and test.
 
 The loss is the softmax cross-entropy of the logits as each network's objective forms them, whatever it was
 trained with, so that paths between networks of different objectives are measured in one unit.
