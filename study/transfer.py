@@ -99,26 +99,31 @@ class Logits(nn.Module):
 class PerImage(Metric):
     """Every image's cross-entropy and whether it was classified correctly at each of ``points`` networks, with its
     split and label: what a bootstrap over images resamples. Gathered from every process (``cat``) and put in a
-    canonical order (``rows``), so the same images give the same rows on any number of processes."""
+    canonical order (``compute``), so the same images give the same rows on any number of processes."""
 
     full_state_update = False
 
-    def __init__(self):
+    def __init__(self, points: int):
         super().__init__()
+        self.points = points
         for name in ("loss", "hit", "label", "split"):
             self.add_state(name, [], dist_reduce_fx="cat")
 
     def update(self, split: int, logits: list[Tensor], labels: Tensor) -> None:
         self.loss.append(torch.stack([F.cross_entropy(x.float(), labels, reduction="none") for x in logits], 1).double())
         self.hit.append(torch.stack([x.argmax(1) == labels for x in logits], 1).double())
-        self.label.append(labels.double())
-        self.split.append(torch.full_like(labels, split).double())
+        self.label.append(labels.double()[:, None])
+        self.split.append(torch.full_like(labels, split).double()[:, None])
 
     def compute(self) -> np.ndarray:
         """images x (split, label, hit at each point, loss at each point), rows sorted."""
-        cat = (lambda x: torch.cat(x) if isinstance(x, list) else x)
-        rows = torch.cat([cat(self.split)[:, None], cat(self.label)[:, None], cat(self.hit), cat(self.loss)], 1).cpu().numpy()
-        return rows[np.lexsort(rows.T[::-1])]
+        def rows(state, width):  # a list before any update or sync, one tensor after a sync
+            state = torch.cat(state) if isinstance(state, list) and state else state
+            return state.reshape(-1, width) if isinstance(state, Tensor) else torch.zeros(0, width, dtype=torch.float64)
+
+        table = torch.cat([rows(self.split, 1), rows(self.label, 1), rows(self.hit, self.points),
+                           rows(self.loss, self.points)], 1).cpu().numpy()
+        return table[np.lexsort(table.T[::-1])]
 
 
 class InterpolationPath(L.LightningModule):
@@ -143,7 +148,7 @@ class InterpolationPath(L.LightningModule):
         self.lambdas = [float(x) for x in lambdas]
         self.recompute_bn, self.bn_images, self.resamples, self.seed = recompute_bn, bn_images, resamples, seed
         self.measure = a.module.hparams.get("measure") or "top1"
-        self.per_image = PerImage()
+        self.per_image = PerImage(len(self.lambdas))
         self.paths = nn.ModuleList()
         self.results: dict = {}
 

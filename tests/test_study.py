@@ -224,7 +224,8 @@ def test_cka_between_checkpoints_is_the_same_on_one_and_two_processes(tmp_path, 
         out = tmp_path / f"cka{processes}"
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                                "-m", "study", "cka", f"--pairs={pairs}", f"--matrix=[{run}, {untrained}]", "--agreement=true",
-                               "--batch_size=60", "--images=250", f"--out={out}", "--accelerator=cpu", f"--devices={processes}"],
+                               "--batch_size=60", "--images=250", "--epochs=2", f"--out={out}", "--accelerator=cpu",
+                               f"--devices={processes}"],
                               cwd=REPO, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         results.append(json.loads((out / "cka.json").read_text()))
@@ -241,6 +242,7 @@ def test_cka_between_checkpoints_is_the_same_on_one_and_two_processes(tmp_path, 
     assert np.all(np.diag(control) < 0.999) and np.all(control > 0)  # the untrained control is another network
     assert one["matrix"]["cka"][0][1] == pytest.approx(control[-1, -1], abs=1e-12)  # the same penultimate CKA both ways
     assert 0 <= one["agreement"][0]["agreement"] <= 1
+    assert one["images"] == two["images"] and one["images"]["epochs"] == 2 and one["images"]["val"]["images"] == 250
 
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs" / "studies").glob("*.yaml")))

@@ -405,3 +405,23 @@ def test_an_analysis_process_shuffles_blocks_with_the_runs_own_seed(tmp_path):
     data["init_args"]["seed"] = 7  # a data seed the run named is kept
     (run / "config.yaml").write_text(yaml.safe_dump({"seed_everything": 3, "data": data}))
     assert data_module_of(run).seed == 7
+
+
+def test_per_image_rows_are_the_same_whatever_order_the_batches_came_in():
+    from study.transfer import PerImage
+
+    torch.manual_seed(0)
+    batches = [(s, [torch.randn(5, 3) for _ in range(2)], torch.randint(0, 3, (5,))) for s in (0, 0, 1)]
+    tables = []
+    for order in ([0, 1, 2], [2, 0, 1]):  # as two processes' batches would be gathered
+        metric = PerImage(points=2)
+        for k in order:
+            metric.update(*batches[k])
+        tables.append(metric.compute())
+    np.testing.assert_array_equal(*tables)
+    split, label, hits, losses = tables[0][:, 0], tables[0][:, 1], tables[0][:, 2:4], tables[0][:, 4:]
+    assert (split == 0).sum() == 10 and set(label.tolist()) <= {0, 1, 2}
+    logits, labels = torch.cat([b[1][1] for b in batches]), torch.cat([b[2] for b in batches])
+    assert losses[:, 1].sum() == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum")))
+    assert hits[:, 1].sum() == float((logits.argmax(1) == labels).sum())
+    assert PerImage(points=2).compute().shape == (0, 6)  # a process that read nothing
