@@ -312,3 +312,12 @@ def test_agreement_is_reported_within_and_between_objectives_over_every_seed_pai
     assert np.isfinite(shared).all() and of(first["a"]) == of(first["b"]) == "softmax"
     softmax = [r["shared_wrong"] for r in rows if of(r["a"]) == of(r["b"]) == "softmax" and math.isfinite(r["shared_wrong"])]
     assert len(softmax) == 2 and shared[0, 0] == pytest.approx(np.mean(softmax), rel=1e-12)
+
+
+def test_one_basin_is_decided_on_the_barriers_interval():
+    from study.transfer_report import one_basin
+
+    assert one_basin({"error_barrier": 0.0, "error_barrier_interval": [0.0, 1 - 495 / 500]}) is True  # 5 of 500 images
+    assert one_basin({"error_barrier": 0.004, "error_barrier_interval": [0.0, 0.03]}) is None  # the images cannot tell
+    assert one_basin({"error_barrier": 0.3, "error_barrier_interval": [0.25, 0.33]}) is False
+    assert one_basin({"error_barrier": 0.02}) is False  # a result without an interval: the barrier itself
