@@ -427,7 +427,8 @@ def figure_criticality(found: list[dict], path: Path) -> Path:
         axes[1].bar(x, [100 * c["modules"][p]["rewound_test_error"] for p in parts], width, label=c["run"], color=f"C{k}")
     for ax in axes:
         ax.set_xticks(np.arange(len(parts)) + 0.4 - width / 2, parts, rotation=90, fontsize=6)
-    axes[0].set(yscale="log", ylabel="module criticality μ", title="criticality by module (beyond the grid: 10x the largest)")
+    axes[0].set_yscale("symlog", linthresh=1)  # mu = 0 (the module rewound at no cost) stays visible as 0
+    axes[0].set(ylabel="module criticality μ", title="criticality by module (beyond the grid: 10x the largest)")
     axes[1].set(ylabel="test error (%) with the module rewound", title="rewinding one module")
     axes[0].legend(fontsize=7)
     return save_figure(fig, path)
