@@ -576,46 +576,65 @@ def cka_section(cka: dict) -> list[str]:
         found = agreement_by_experiment(cka["agreement"])
         lines += ["", "Prediction agreement on validation (Figure C.4, figure_c4_agreement.png): the fraction of images two "
                       "runs predict alike, and among those both get wrong, the fraction with the same wrong prediction. "
-                      "Within: the runs of one experiment from different seeds; between: a run of the experiment and a run "
-                      "of another, over every pair of seeds.", "",
-                  "| experiment | agreement within | agreement between | same wrong within | same wrong between |",
-                  "|---|---|---|---|---|"]
+                      "Within: two runs of the experiment from different seeds; between: a run of the experiment and a "
+                      "run of another from a different seed, so that both compare different initialisations; same seed: "
+                      "a run of another experiment from the same seed (one initialisation, data order and augmentation: "
+                      "apart, since that alone makes runs agree).", "",
+                  "| experiment | agreement within | agreement between | agreement between, same seed | same wrong within "
+                  "| same wrong between |", "|---|---|---|---|---|---|"]
         for name, row in found.items():
             lines.append(f"| {name} | {_spread(row['within']['agreement'], 3)} | {_spread(row['between']['agreement'], 3)} | "
-                         f"{_spread(row['within']['shared_wrong'], 3)} | {_spread(row['between']['shared_wrong'], 3)} |")
-        within = [r for r in cka["agreement"] if experiment_of(r["a"]) == experiment_of(r["b"])]
-        between = [r for r in cka["agreement"] if experiment_of(r["a"]) != experiment_of(r["b"])]
-        lines.append(f"| all ({len(within)} pairs within, {len(between)} between) | "
-                     f"{_spread([r['agreement'] for r in within], 3)} | {_spread([r['agreement'] for r in between], 3)} | "
-                     f"{_spread([r['shared_wrong'] for r in within], 3)} | {_spread([r['shared_wrong'] for r in between], 3)} |")
-        if not within:
+                         f"{_spread(row['same_seed']['agreement'], 3)} | {_spread(row['within']['shared_wrong'], 3)} | "
+                         f"{_spread(row['between']['shared_wrong'], 3)} |")
+        kinds = {kind: [r for r in cka["agreement"] if pair_kind(r) == kind] for kind in ("within", "between", "same_seed")}
+        lines.append(f"| all ({len(kinds['within'])} pairs within, {len(kinds['between'])} between, "
+                     f"{len(kinds['same_seed'])} same seed) | "
+                     + " | ".join(_spread([r[key] for r in kinds[kind]], 3)
+                                  for key, kind in (("agreement", "within"), ("agreement", "between"),
+                                                    ("agreement", "same_seed"), ("shared_wrong", "within"),
+                                                    ("shared_wrong", "between"))) + " |")
+        if not kinds["within"]:
             lines += ["", "No experiment has two seeds in the comparison: agreement within objectives is not measured."]
     return lines + [""]
 
 
+def seed_of(name: str) -> Optional[int]:
+    """The seed of a run named <experiment>/seed<k>; None for a network named otherwise."""
+    match = RUN_NAME.match(name)
+    return int(match["seed"]) if match else None
+
+
+def pair_kind(row: dict) -> str:
+    """``within`` (one experiment, different seeds), ``between`` (different experiments and seeds) or ``same_seed``
+    (different experiments, one seed: one initialisation and data order)."""
+    if experiment_of(row["a"]) == experiment_of(row["b"]):
+        return "within"
+    same = seed_of(row["a"]) is not None and seed_of(row["a"]) == seed_of(row["b"])
+    return "same_seed" if same else "between"
+
+
 def agreement_by_experiment(rows: list[dict]) -> dict[str, dict[str, dict[str, list[float]]]]:
     """Figure C.4 by experiment, from the agreement of every two runs (cka.json's ``agreement``): for each
-    experiment, its pairs ``within`` (two of its runs: different seeds) and ``between`` (one of its runs and one
-    of another experiment's, every seed pair), each a list per statistic."""
+    experiment, its pairs of each ``pair_kind``, each a list per statistic."""
     experiments = list(dict.fromkeys(experiment_of(n) for r in rows for n in (r["a"], r["b"])))
     keys = [k for k in rows[0] if k not in ("a", "b")] if rows else []
-    found = {e: {kind: {k: [] for k in keys} for kind in ("within", "between")} for e in experiments}
+    found = {e: {kind: {k: [] for k in keys} for kind in ("within", "between", "same_seed")} for e in experiments}
     for row in rows:
-        a, b = experiment_of(row["a"]), experiment_of(row["b"])
-        for experiment in dict.fromkeys((a, b)):
+        for experiment in dict.fromkeys((experiment_of(row["a"]), experiment_of(row["b"]))):
             for key in keys:
-                found[experiment]["within" if a == b else "between"][key].append(row[key])
+                found[experiment][pair_kind(row)][key].append(row[key])
     return found
 
 
 def agreement_matrix(rows: list[dict], key: str) -> tuple[list[str], np.ndarray]:
-    """Experiment x experiment mean of ``key`` over the pairs of their runs (every seed pair); the diagonal: two seeds
-    of one experiment, NaN where it has one run (never a run with itself)."""
+    """Experiment x experiment mean of ``key`` over the pairs of their runs from different seeds (``pair_kind``: runs of
+    one seed share their initialisation); the diagonal: two seeds of one experiment, NaN where it has one run (never a
+    run with itself)."""
     experiments = list(dict.fromkeys(experiment_of(n) for r in rows for n in (r["a"], r["b"])))
     sums, counts = np.zeros((len(experiments),) * 2), np.zeros((len(experiments),) * 2)
     for row in rows:
         value = row[key]
-        if value is None or not math.isfinite(value):
+        if value is None or not math.isfinite(value) or pair_kind(row) == "same_seed":
             continue
         i, j = experiments.index(experiment_of(row["a"])), experiments.index(experiment_of(row["b"]))
         for x, y in {(i, j), (j, i)}:
@@ -627,8 +646,8 @@ def agreement_matrix(rows: list[dict], key: str) -> tuple[list[str], np.ndarray]
 
 def figure_agreement(cka: dict, path: Path) -> Optional[Path]:
     """Figure C.4: for every two experiments, the fraction of validation images with the same prediction, and among
-    those both get wrong, the fraction with the same wrong prediction, each the mean over their runs' seed pairs;
-    the diagonal: two seeds of one experiment (``agreement_matrix``)."""
+    those both get wrong, the fraction with the same wrong prediction, each the mean over their runs' pairs of
+    different seeds; the diagonal: two seeds of one experiment (``agreement_matrix``)."""
     rows = cka.get("agreement") or []
     if not rows:
         return None

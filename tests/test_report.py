@@ -291,21 +291,27 @@ def test_agreement_is_reported_within_and_between_objectives_over_every_seed_pai
     rows = cka["agreement"]
     of = lambda name: name.split("/")[0]  # noqa: E731
     text = "\n".join(cka_section(cka))
+    seed = lambda name: name.split("/seed")[1]  # noqa: E731
     for e in EXPERIMENTS:
         within = [r for r in rows if of(r["a"]) == of(r["b"]) == e]
-        between = [r for r in rows if (of(r["a"]) == e) != (of(r["b"]) == e)]
-        assert len(within) == 3 and len(between) == 2 * 9  # 3 seed pairs; 3 x 3 runs against each other experiment
+        mine = [r for r in rows if (of(r["a"]) == e) != (of(r["b"]) == e)]
+        between = [r for r in mine if seed(r["a"]) != seed(r["b"])]
+        same_seed = [r for r in mine if seed(r["a"]) == seed(r["b"])]
+        # 3 seed pairs within; 3 x 3 runs against each other experiment, of which 3 share a seed (an initialisation)
+        assert len(within) == 3 and len(between) == 2 * 6 and len(same_seed) == 2 * 3
         cells = [spread([r[k] for r in group if math.isfinite(r[k])], 3)
-                 for k in ("agreement", "shared_wrong") for group in (within, between)]
-        assert f"| {e} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |" in text
+                 for k, group in (("agreement", within), ("agreement", between), ("agreement", same_seed),
+                                  ("shared_wrong", within), ("shared_wrong", between))]
+        assert f"| {e} | " + " | ".join(cells) + " |" in text
     within = [r["agreement"] for r in rows if of(r["a"]) == of(r["b"])]
-    between = [r["agreement"] for r in rows if of(r["a"]) != of(r["b"])]
-    assert f"| all (9 pairs within, 27 between) | {spread(within, 3)} | {spread(between, 3)} |" in text
+    between = [r["agreement"] for r in rows if of(r["a"]) != of(r["b"]) and seed(r["a"]) != seed(r["b"])]
+    assert f"| all (9 pairs within, 18 between, 9 same seed) | {spread(within, 3)} | {spread(between, 3)} |" in text
 
     names, matrix = agreement_matrix(rows, "agreement")
     assert names == list(EXPERIMENTS)
     for (i, e), (j, f) in itertools.product(enumerate(EXPERIMENTS), repeat=2):
-        pairs = [r["agreement"] for r in rows if {of(r["a"]), of(r["b"])} == {e, f} and (e != f or of(r["a"]) == of(r["b"]))]
+        pairs = [r["agreement"] for r in rows if {of(r["a"]), of(r["b"])} == {e, f} and seed(r["a"]) != seed(r["b"])
+                 and (e != f or of(r["a"]) == of(r["b"]))]
         assert matrix[i, j] == pytest.approx(np.mean(pairs), rel=1e-12)  # the diagonal: seeds of one objective, not 1
     names, shared = agreement_matrix(rows, "shared_wrong")
     first = rows[0]
