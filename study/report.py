@@ -661,7 +661,7 @@ def figure_agreement(cka: dict, path: Path) -> Optional[Path]:
         ax.set_title(title, fontsize=9)
     figure.subplots_adjust(wspace=0.6)
     figure.colorbar(image, ax=axes.tolist(), shrink=0.8)
-    figure.suptitle("Figure C.4: prediction agreement, mean over seed pairs (diagonal: two seeds of one objective)", fontsize=10)
+    figure.suptitle("Figure C.4: prediction agreement, mean over pairs of runs from different seeds (diagonal: two seeds of one objective)", fontsize=10)
     figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return path
