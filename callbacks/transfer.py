@@ -70,6 +70,8 @@ class TransferProbes(MeasurementCallback):
         knn: run the kNN probe.
         crop_ratio: fraction of each image's shorter side in its centre crop. Appendix A.2: 1.0, the whole
             shorter side resized to the training resolution.
+        linear_max_iter: L-BFGS iterations per fit of the linear probe; ``probe/<dataset>/linear_unconverged``
+            counts the fits that reached it (raise it when the chosen fit is among them: the probe warns).
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class TransferProbes(MeasurementCallback):
         knn: bool = True,
         crop_ratio: float = 1.0,
         at_start: bool = False,
+        linear_max_iter: int = 100,
     ):
         super().__init__(every_n_epochs, at_start)
         if not 0.0 < crop_ratio <= 1.0:
@@ -88,6 +91,9 @@ class TransferProbes(MeasurementCallback):
         self.datasets = {name: d if isinstance(d, TransferData) else TransferData(**d) for name, d in (datasets or {}).items()}
         self.linear = linear
         self.knn = knn
+        if linear_max_iter < 1:
+            raise ValueError(f"linear_max_iter must be >= 1, got {linear_max_iter}.")
+        self.linear_max_iter = linear_max_iter
 
     def _datasets(self, trainer: L.Trainer) -> dict[str, TransferData]:
         datasets = self.datasets or {n: TransferData(*paths) for n, paths in trainer.datamodule.transfer_paths().items()}
@@ -113,7 +119,7 @@ class TransferProbes(MeasurementCallback):
                 continue
             measure = spec.score_measure()
             if self.linear:
-                result = linear_probe(train_x, train_y, test_x, test_y, measure=measure)
+                result = linear_probe(train_x, train_y, test_x, test_y, measure=measure, max_iter=self.linear_max_iter)
                 scalars[f"probe/{name}/linear_acc"] = result.accuracy
                 scalars[f"probe/{name}/linear_l2"] = result.l2
                 unconverged = len(result.unconverged) + (not result.refit.converged)

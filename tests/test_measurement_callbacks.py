@@ -207,6 +207,8 @@ def test_probe_features_keep_the_whole_image_as_appendix_a2(tmp_path):
     assert (cropped - expected.flatten(1)).abs().mean() > 0.1
     with pytest.raises(ValueError, match="crop_ratio must be in"):
         TransferProbes(crop_ratio=1.2)
+    with pytest.raises(ValueError, match="linear_max_iter must be >= 1"):
+        TransferProbes(linear_max_iter=0)
 
 
 def test_a_transfer_set_without_a_known_measure_is_refused(tmp_path):
