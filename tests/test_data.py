@@ -9,7 +9,7 @@ from PIL import Image
 
 from datamodules import BetonError, DataError, ImageFolderDataModule, ProgressiveResolution, WriterSettings, beton_labels
 from datamodules.convert import folder
-from datamodules.shapes import NUM_COLOURS, SHAPES, TEXTURES, render_shapes
+from datamodules.shapes import NEW_SHAPES, NUM_COLOURS, SHAPES, SIZES, TASKS, TEXTURES, render_shapes, render_sketches
 
 from .helpers import ffcv_datamodule as datamodule
 from .helpers import StubTrainer, write_indexed_beton
@@ -56,10 +56,45 @@ def test_shapes_drawn_by_an_older_design_are_regenerated(tmp_path):
 
 def test_generated_splits_hold_the_right_labels(shapes_root):
     train = beton_labels(shapes_root / "train.beton")
-    texture = beton_labels(shapes_root / "texture_train.beton")
     assert len(train) == 1024 and set(train) <= set(range(len(SHAPES) * NUM_COLOURS))
     assert len(np.unique(train)) > 50
-    assert set(texture) == set(range(len(TEXTURES)))
+    for task, classes in TASKS.items():
+        labels = beton_labels(shapes_root / f"{task}_train.beton")
+        assert set(labels) == set(range(len(classes))), task
+    assert len(beton_labels(shapes_root / "sketch_train.beton")) == 500  # few labelled images of the target domain
+
+
+def test_the_transfer_tasks_label_what_was_drawn():
+    """Size bins follow the drawn radius; new shapes are none of pre-training's; sketches are ink outlines."""
+    from datamodules.shapes import RADIUS, _split_images
+
+    _, factors = render_shapes(300, np.random.default_rng([0, 4]))
+    _, size = _split_images("size_train", 300, np.random.default_rng([0, 4]), 32)
+    thirds = np.digitize(factors["radius"], np.linspace(*RADIUS, len(SIZES) + 1)[1:-1])
+    np.testing.assert_array_equal(size, thirds)
+    assert set(NEW_SHAPES).isdisjoint(SHAPES)
+    sketches, factors = render_sketches(200, np.random.default_rng(3))
+    grey = sketches.astype(np.float64).mean(-1)
+    ink = grey < 128
+    assert 0.02 < ink.mean() < 0.25  # thin lines on paper, not filled shapes
+    assert np.median(grey) > 180
+    filled, _ = render_shapes(200, np.random.default_rng(3))
+    def colourfulness(images):  # the spread between an image's channels, averaged over pixels
+        return float((images.max(-1).astype(int) - images.min(-1)).mean())
+    assert colourfulness(sketches) < 0.5 * colourfulness(filled)  # no hue to read the pre-training colour from
+
+
+def test_the_cross_is_the_union_of_its_two_bars():
+    """The cross's radial profile against a brute-force test of points in either bar."""
+    from datamodules.shapes import _cross
+
+    theta = np.linspace(0, 2 * np.pi, 721)
+    radius = _cross(theta, arm=0.38)
+    for t, r in zip(theta, radius):
+        steps = np.linspace(0, 1.5, 3001)
+        x, y = steps * np.cos(t), steps * np.sin(t)
+        inside = ((np.abs(x) <= 1) & (np.abs(y) <= 0.38)) | ((np.abs(y) <= 1) & (np.abs(x) <= 0.38))
+        assert abs(steps[inside].max() - r) < 1e-3
 
 
 def test_loader_yields_normalised_batches_of_the_written_images(tmp_path):
