@@ -63,7 +63,7 @@ class TransferProbes(MeasurementCallback):
     Args:
         datasets: name -> its train and test data, e.g. ``{cifar10: {train: .../cifar10_train.beton,
             test: .../cifar10_test.beton}}``; by default the tasks that come with the data module
-            (the embedded data set's ``texture``).
+            (the embedded data set's transfer tasks).
         every_n_epochs: probe after every this many training epochs (and at the end of fit).
         at_start: also probe the initial weights (step 0), e.g. for "which checkpoint transfers best".
         linear: run the linear probe (45 strengths, appendix A.2).
