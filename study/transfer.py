@@ -366,10 +366,11 @@ def criticality(final: str, initial: str, alphas: Sequence[float], sigmas: Seque
 
 # --- a study's transfer analysis (``transfer:`` in its file): written to <report>/transfer.json ---
 
-def finetuning_record(name: str, experiment: str, seed: int, folder: Path) -> dict:
-    """What the report needs of one run: its kind (P-T: ``model.init_from`` set; RI-T: a cosine-schedule run from
-    random initialisation; else pre-training), the pre-training epoch it started from, its block size, and its
-    test (validation) loss and accuracy, in the target's measure, along its steps, from its TensorBoard events."""
+def finetuning_record(name: str, experiment: str, seed: int, folder: Path, sources: frozenset[Path] = frozenset()) -> dict:
+    """What the report needs of one run: its kind (P-T: ``model.init_from`` set; pre-training: a run that ``sources``,
+    the run folders other runs start from, holds, or one on the warm-up-exponential schedule of pre-training; else
+    RI-T, a run from random initialisation), the pre-training epoch it started from, its block size, and its test
+    (validation) loss and accuracy, in the target's measure, along its steps, from its TensorBoard events."""
     import yaml
 
     from callbacks.checkpoints import finished
@@ -377,7 +378,11 @@ def finetuning_record(name: str, experiment: str, seed: int, folder: Path) -> di
     config = yaml.safe_load((folder / "config.yaml").read_text())
     model, data = config.get("model") or {}, (config.get("data") or {}).get("init_args") or {}
     init_from = model.get("init_from")
-    kind = "P-T" if init_from else ("RI-T" if model.get("lr_schedule") == "cosine" else "pre-training")
+    if init_from:
+        kind = "P-T"
+    else:  # both train from random initialisation: what tells them apart is that others start from pre-training
+        pretrains = folder.resolve() in sources or model.get("lr_schedule", "warmup_exponential") != "cosine"
+        kind = "pre-training" if pretrains else "RI-T"
     epoch, objective = None, None
     if init_from:
         source = Path(init_from)
@@ -399,6 +404,14 @@ def finetuning_record(name: str, experiment: str, seed: int, folder: Path) -> di
     return {"run": name, "experiment": experiment, "seed": seed, "kind": kind, "pretraining_epoch": epoch, "hyper": hyper,
             "pretraining_objective": objective, "target": target, "measure": measure or "top1",
             "block_shuffle": data.get("block_shuffle"), "validation_split": data.get("validation_split"), "curve": curve}
+
+
+def pretraining_source(folder: Path) -> Optional[Path]:
+    """The run folder a fine-tuning run's ``model.init_from`` checkpoint belongs to (None from random initialisation)."""
+    import yaml
+
+    init_from = ((yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("model") or {}).get("init_from")
+    return run_folder_of(Path(init_from)).resolve() if init_from else None
 
 
 def run_measure(folder: Path) -> Optional[str]:
@@ -457,7 +470,9 @@ def analyse_transfer(study, trainer: Optional[L.Trainer] = None) -> dict:
     folders = {run.name: run_state(run).folder for run in study.runs}
     done = {name: folder for name, folder in folders.items() if finished(folder) is not None}
 
-    results = {"runs": [finetuning_record(r.name, r.experiment, r.seed, folders[r.name]) for r in study.runs if r.name in done],
+    sources = frozenset(source for folder in done.values() if (source := pretraining_source(folder)) is not None)
+    results = {"runs": [finetuning_record(r.name, r.experiment, r.seed, folders[r.name], sources)
+                        for r in study.runs if r.name in done],
                "missing": sorted(set(folders) - set(done)), "barriers": [], "criticality": [],
                "grids": {name: grid_scores(study, name) for name in study.grids}}
     results["checkpoint_probes"] = {name: rows for name, folder in done.items() if (rows := checkpoint_probes(folder))}

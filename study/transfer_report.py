@@ -69,8 +69,8 @@ def transfer_section(transfer: dict, out: Path, t_test: str = T_TEST) -> tuple[l
               f"speed: the first step at which test accuracy reaches {FRACTION:.0%} of the run's final.", "",
               "Hyper-parameters: the point the experiment's grid chose on held-out images (below), or the config's fixed "
               "one where it has no grid.", "",
-              "| experiment | kind | pre-training epoch | block size | hyper-parameters | seeds | test accuracy (%) | test loss "
-              f"| steps to {FRACTION:.0%} | ‖θ − θ_start‖₂ |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| experiment | target | kind | pre-training epoch | block size | hyper-parameters | seeds | test accuracy (%) "
+              f"| test loss | steps to {FRACTION:.0%} | ‖θ − θ_start‖₂ |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     summaries = {}
     for name, group in groups.items():
         first = group[0]
@@ -78,7 +78,7 @@ def transfer_section(transfer: dict, out: Path, t_test: str = T_TEST) -> tuple[l
         epoch = "–" if first["pretraining_epoch"] is None else first["pretraining_epoch"]
         block = first["block_shuffle"] or "none"
         tuned = " (grid)" if name in transfer.get("grids", {}) else " (fixed)"
-        lines.append(f"| {name} | {first['kind']} | {epoch} | {block} | {first.get('hyper', '?')}{tuned} | {len(group)} | "
+        lines.append(f"| {name} | {first['target']} | {first['kind']} | {epoch} | {block} | {first.get('hyper', '?')}{tuned} | {len(group)} | "
                      f"{_cell(s['acc'], 100)} | "
                      f"{_cell(s['loss'], 1, 3)} | {_cell(s['speed'], 1, 0)} | "
                      f"{_cell([r.get('distance_from_start') for r in group], 1, 2)} |")
@@ -131,9 +131,22 @@ def _seeds(grid: dict) -> str:
 
 
 def _from_checkpoints(groups: dict) -> list[tuple[int, str]]:
-    """(pre-training epoch, experiment) of the un-shuffled P-T experiments, by epoch."""
-    return sorted({(g[0]["pretraining_epoch"], n) for n, g in groups.items()
-                   if g[0]["kind"] == "P-T" and not g[0]["block_shuffle"] and g[0]["pretraining_epoch"] is not None})
+    """(pre-training epoch, experiment) of the un-shuffled P-T experiments on the by-epoch arms' target (that of the
+    earliest start: a contrast target fine-tuned from the last checkpoint only is not one of them), by epoch."""
+    found = sorted({(g[0]["pretraining_epoch"], n, g[0]["target"]) for n, g in groups.items()
+                    if g[0]["kind"] == "P-T" and not g[0]["block_shuffle"] and g[0]["pretraining_epoch"] is not None})
+    return [(epoch, name) for epoch, name, target in found if target == found[0][2]]
+
+
+def main_arms(groups: dict) -> dict[str, dict[str, str]]:
+    """target -> kind -> its un-shuffled experiment: P-T from the last pre-training checkpoint, RI-T."""
+    last = max((g[0]["pretraining_epoch"] or 0 for g in groups.values() if g[0]["kind"] == "P-T"), default=0)
+    arms: dict[str, dict[str, str]] = {}
+    for name, group in groups.items():
+        first = group[0]
+        if not first["block_shuffle"] and (first["kind"] == "RI-T" or first["pretraining_epoch"] == last):
+            arms.setdefault(first["target"], {}).setdefault(first["kind"], name)
+    return arms
 
 
 def checkpoint_lines(groups: dict, summaries: dict, probes: dict) -> list[str]:
@@ -269,28 +282,33 @@ def criticality_lines(found: list[dict]) -> list[str]:
 
 def findings(groups: dict, summaries: dict, transfer: dict) -> list[str]:
     """The talk's findings, each checked against these runs' numbers, said as they come out."""
-    main = {g[0]["kind"]: name for name, g in groups.items()
-            if not g[0]["block_shuffle"] and (g[0]["kind"] == "RI-T" or g[0]["pretraining_epoch"] == max(
-                (x[0]["pretraining_epoch"] or 0) for x in groups.values() if x[0]["kind"] == "P-T"))}
+    arms = main_arms(groups)
     lines = ["### Which of the talk's findings these runs show", ""]
-    if "P-T" in main and "RI-T" in main:
-        pt, rit = summaries[main["P-T"]], summaries[main["RI-T"]]
-        better = np.mean(pt["acc"]) > np.mean(rit["acc"])
-        faster = np.mean([s for s in pt["speed"] if s is not None]) < np.mean([s for s in rit["speed"] if s is not None])
-        lines.append(f"- P-T trains {'better' if better else 'no better'} than RI-T ({100 * np.mean(pt['acc']):.1f} % vs "
-                     f"{100 * np.mean(rit['acc']):.1f} % test accuracy) and {'faster' if faster else 'not faster'} "
-                     f"({np.mean([s for s in pt['speed'] if s is not None]):.0f} vs "
-                     f"{np.mean([s for s in rit['speed'] if s is not None]):.0f} steps to {FRACTION:.0%} of final).")
-    shuffled = {}  # block size -> kind -> mean final accuracy (P-T from the last pre-training checkpoint)
+    for target, main in arms.items():
+        if "P-T" in main and "RI-T" in main:
+            pt, rit = summaries[main["P-T"]], summaries[main["RI-T"]]
+            better = np.mean(pt["acc"]) > np.mean(rit["acc"])
+            faster = np.mean([s for s in pt["speed"] if s is not None]) < np.mean([s for s in rit["speed"] if s is not None])
+            lines.append(f"- On {target}, P-T trains {'better' if better else 'no better'} than RI-T "
+                         f"({100 * np.mean(pt['acc']):.1f} % vs {100 * np.mean(rit['acc']):.1f} % test accuracy) and "
+                         f"{'faster' if faster else 'not faster'} ({np.mean([s for s in pt['speed'] if s is not None]):.0f} "
+                         f"vs {np.mean([s for s in rit['speed'] if s is not None]):.0f} steps to {FRACTION:.0%} of final).")
+    last = max((g[0]["pretraining_epoch"] or 0 for g in groups.values() if g[0]["kind"] == "P-T"), default=0)
+    shuffled = {}  # (target, block size) -> kind -> mean final accuracy (P-T from the last pre-training checkpoint)
     for name, group in groups.items():
         first = group[0]
-        if first["block_shuffle"] and (first["kind"] == "RI-T" or first["pretraining_epoch"] == max(
-                (x[0]["pretraining_epoch"] or 0) for x in groups.values() if x[0]["kind"] == "P-T")):
-            shuffled.setdefault(first["block_shuffle"], {})[first["kind"]] = float(np.mean(summaries[name]["acc"]))
-    gaps = [(b, 100 * (k["P-T"] - k["RI-T"])) for b, k in sorted(shuffled.items()) if len(k) == 2]
+        if first["block_shuffle"] and (first["kind"] == "RI-T" or first["pretraining_epoch"] == last):
+            shuffled.setdefault((first["target"], first["block_shuffle"]), {})[first["kind"]] = float(np.mean(summaries[name]["acc"]))
+    gaps = [(t, b, 100 * (k["P-T"] - k["RI-T"])) for (t, b), k in sorted(shuffled.items()) if len(k) == 2]
     if gaps:
         lines.append("- Under block shuffling, P-T minus RI-T test accuracy: "
-                     + ", ".join(f"{gap:+.1f} points at {b} px blocks" for b, gap in gaps) + ".")
+                     + ", ".join(f"{gap:+.1f} points at {b} px blocks ({t})" for t, b, gap in gaps) + ".")
+    for kind in ("P-T", "RI-T"):  # the talk: the smaller the blocks, the more of P-T's benefit is lost
+        drops = [(t, b, 100 * (1 - k[kind] / np.mean(summaries[arms[t][kind]]["acc"])))
+                 for (t, b), k in sorted(shuffled.items()) if kind in k and kind in arms.get(t, {})]
+        if drops:
+            lines.append(f"- {kind}'s relative drop in test accuracy under block shuffling, against its un-shuffled run: "
+                         + ", ".join(f"{drop:.1f} % at {b} px ({t})" for t, b, drop in drops) + ".")
     tuned = _from_checkpoints(groups)
     if len(tuned) > 1:
         best = max(tuned, key=lambda t: np.mean(summaries[t[1]]["acc"]))
@@ -347,8 +365,10 @@ def figure_learning_curves(groups: dict, path: Path) -> Optional[Path]:
 def figure_block_shuffle(groups: dict, summaries: dict, path: Path) -> Optional[Path]:
     """Final accuracy and steps to 90 % against block size, P-T and RI-T (the talk's block-shuffle plot). Runs
     without shuffling count as one block the size of the image."""
-    if not any(g[0]["block_shuffle"] for g in groups.values()):
+    targets = {g[0]["target"] for g in groups.values() if g[0]["block_shuffle"]}
+    if not targets:
         return None
+    groups = {n: g for n, g in groups.items() if g[0]["target"] in targets}  # un-shuffled points of the same target
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for kind, style in (("P-T", "o-"), ("RI-T", "s--")):

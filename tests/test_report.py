@@ -151,6 +151,29 @@ def test_table_two_bolds_by_t_test_per_data_set_and_anova_for_the_average():
     assert squared.startswith("| SquaredError | 70.0 ± 0.6 | **60.0 ± 1.2** |") and not squared.endswith("**65.0** |")
 
 
+def test_the_talks_findings_compare_p_t_and_ri_t_within_each_target_and_shuffling_against_its_own_run():
+    """Two targets (the sketch domain and the texture contrast): P-T is compared with RI-T of its own target, and a
+    block-shuffled run's relative drop with the un-shuffled run of its kind and target, never across targets."""
+    from study.transfer_report import _groups, _summary, findings, main_arms
+
+    def run(experiment, kind, target, acc, block=None, seed=0):
+        return {"run": f"{experiment}/seed{seed}", "experiment": experiment, "seed": seed, "kind": kind,
+                "target": target, "block_shuffle": block, "pretraining_epoch": 15 if kind == "P-T" else None,
+                "measure": "top1", "curve": {"accuracy": [(10, acc / 2), (20, acc)], "loss": [(20, 1.0)]}}
+
+    runs = [run("pretrain", "pre-training", "shapes", 0.6), run("p_t", "P-T", "sketch", 0.9), run("ri_t", "RI-T", "sketch", 0.6),
+            run("p_t_texture", "P-T", "texture", 0.5), run("ri_t_texture", "RI-T", "texture", 0.8),
+            run("p_t_block4", "P-T", "sketch", 0.45, block=4), run("ri_t_block4", "RI-T", "sketch", 0.48, block=4)]
+    groups = _groups(runs)
+    assert main_arms(groups) == {"sketch": {"P-T": "p_t", "RI-T": "ri_t"}, "texture": {"P-T": "p_t_texture", "RI-T": "ri_t_texture"}}
+    text = "\n".join(findings(groups, {n: _summary(g) for n, g in groups.items()}, {"barriers": [], "criticality": []}))
+    assert "On sketch, P-T trains better than RI-T (90.0 % vs 60.0 %" in text
+    assert "On texture, P-T trains no better than RI-T (50.0 % vs 80.0 %" in text
+    assert "-3.0 points at 4 px blocks (sketch)" in text
+    assert "P-T's relative drop in test accuracy under block shuffling, against its un-shuffled run: 50.0 % at 4 px (sketch)" in text
+    assert "RI-T's relative drop in test accuracy under block shuffling, against its un-shuffled run: 20.0 % at 4 px (sketch)" in text
+
+
 def test_figure_5a_names_its_test_and_sets_only_the_papers_rho_beside_it(tmp_path):
     """The paper's p = 0.002 is not what scipy's test gives on its own nine points (p = 0.00024): the report gives
     the paper's ρ and says so, instead of setting two incomparable p-values side by side."""
