@@ -1,7 +1,7 @@
 # The few commands a newcomer needs. Each one sets up first (idempotent, fast when already done).
 PY := .venv/bin/python
 
-.PHONY: setup quickstart study transfer-study test benchmark benchmark-loader benchmark-probes benchmark-cka benchmark-study benchmark-gpu tensorboard
+.PHONY: setup quickstart study finetune-study transfer-study test benchmark benchmark-loader benchmark-probes benchmark-cka benchmark-study benchmark-gpu tensorboard
 
 setup:
 	bash scripts/setup.sh
@@ -11,6 +11,9 @@ quickstart: setup  ## train on the embedded shapes data set through FFCV, on the
 
 study: setup  ## the embedded study: 9 objectives x 2 seeds, CKA, report in runs/embedded/report (~30 min)
 	$(PY) -m study run configs/studies/embedded.yaml
+
+finetune-study: setup  ## Table 2 on the embedded data: make study's networks fine-tuned, lr chosen per objective (~25 min)
+	$(PY) -m study run configs/studies/embedded_finetune.yaml
 
 transfer-study: setup  ## what is transferred: pre-train, P-T and RI-T fine-tuning, barriers, criticality (~20 min)
 	$(PY) -m study run configs/studies/transfer.yaml
