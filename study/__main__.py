@@ -89,8 +89,8 @@ def fit_args(study: str, run: str) -> None:
 
 def analyse(study: str, accelerator: str = "auto", devices: str = "auto", num_nodes: int = 1) -> None:
     """The study's passes over its networks on Lightning's Trainer (N devices, SLURM under srun): CKA and
-    prediction agreement (<report>/cka.json), barriers and criticality of ``transfer:`` (<report>/transfer.json);
-    then the report.
+    prediction agreement (<report>/cka.json), barriers, criticality and the representation tables of ``transfer:``
+    (<report>/transfer.json); then the report.
 
     Args:
         study: the study file.
@@ -112,8 +112,8 @@ def analyse(study: str, accelerator: str = "auto", devices: str = "auto", num_no
             spec.report.mkdir(parents=True, exist_ok=True)
             (spec.report / "transfer.json").write_text(json.dumps(found, indent=1))
             seconds = time.perf_counter() - start
-            print(f"transfer: {len(found['barriers'])} barrier pairs, {len(found['criticality'])} criticality runs: "
-                  f"{seconds:.0f} s", flush=True)
+            print(f"transfer: {len(found['barriers'])} barrier pairs, {len(found['criticality'])} criticality runs, "
+                  f"{len(found.get('representations', {}).get('pairs', []))} representation pairs: {seconds:.0f} s", flush=True)
             record_time(spec.report, "transfer analysis", seconds)
     if trainer.is_global_zero:  # every process took part in the passes; one writes the report
         report(study, cka_file=str(spec.report / "cka.json") if cka else None)
