@@ -7,9 +7,12 @@ Over N examples with labels y and the two models' predicted classes a and b:
 - ``both_wrong``: fraction with a ≠ y and b ≠ y;
 - ``shared_wrong``: among the examples both get wrong, the fraction with a = b (the figure's quantity: do
   the models make the same mistakes?). NaN when no example is wrong for both: there is nothing to measure,
-  and a NaN says so where 0 or 1 would pass for a result.
+  and a NaN says so where 0 or 1 would pass for a result;
+- ``both_right``, ``a_right_alone`` (a = y ≠ b), ``b_right_alone`` (b = y ≠ a) and ``both_wrong``: where each
+  model errs (Neyshabur et al. 2020, Figure 4: P-T and RI-T models err on different images), which split the
+  examples and sum to 1.
 
-All four are ratios of counts, so the function and the streaming ``PredictionAgreement`` share one
+All are ratios of counts, so the function and the streaming ``PredictionAgreement`` share one
 reduction, and summing the counts over batches and DDP ranks gives the single-pass value exactly.
 """
 
@@ -21,7 +24,7 @@ from torchmetrics import Metric
 
 __all__ = ["prediction_agreement", "PredictionAgreement"]
 
-_COUNTS = ("examples", "same", "both_right", "both_wrong", "same_when_both_wrong")
+_COUNTS = ("examples", "same", "right_a", "both_right", "both_wrong", "same_when_both_wrong")
 
 
 def _predicted_classes(predictions: Tensor) -> Tensor:
@@ -36,20 +39,24 @@ def _agreement_counts(predictions_a: Tensor, predictions_b: Tensor, labels: Tens
                          f"{tuple(predictions_b.shape)} do not match labels {tuple(labels.shape)}.")
     same, right_a, right_b = a == b, a == labels, b == labels
     both_wrong = ~right_a & ~right_b
-    return {"examples": torch.tensor(labels.numel(), device=labels.device), "same": same.sum(),
+    return {"examples": torch.tensor(labels.numel(), device=labels.device), "same": same.sum(), "right_a": right_a.sum(),
             "both_right": (right_a & right_b).sum(), "both_wrong": both_wrong.sum(),
             "same_when_both_wrong": (same & both_wrong).sum()}
 
 
 def _agreement_from_counts(counts: dict[str, Tensor]) -> dict[str, float]:
-    n, both_wrong = int(counts["examples"]), int(counts["both_wrong"])
+    n, both_right, both_wrong = int(counts["examples"]), int(counts["both_right"]), int(counts["both_wrong"])
     if n == 0:
         raise ValueError("prediction agreement: no examples.")
+    a_alone = int(counts["right_a"]) - both_right
     return {
         "agreement": int(counts["same"]) / n,
-        "both_right_or_both_wrong": (int(counts["both_right"]) + both_wrong) / n,
+        "both_right_or_both_wrong": (both_right + both_wrong) / n,
         "both_wrong": both_wrong / n,
         "shared_wrong": int(counts["same_when_both_wrong"]) / both_wrong if both_wrong else float("nan"),
+        "both_right": both_right / n,
+        "a_right_alone": a_alone / n,
+        "b_right_alone": (n - both_right - both_wrong - a_alone) / n,  # the rest: the four cases split the examples
     }
 
 

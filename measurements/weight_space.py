@@ -88,6 +88,21 @@ def parameter_distance(a: dict[str, Tensor], b: dict[str, Tensor], parts: dict[s
     return distance
 
 
+def shared_parts(a: dict[str, Tensor], b: dict[str, Tensor], parts: dict[str, list[str]]) -> tuple[dict[str, list[str]], list[str]]:
+    """``parts`` restricted to the parameters that ``a`` and ``b`` both hold with equal shapes, parts left with none
+    dropped; and the names left out, in order (a head of another task's classes: a pre-trained network against one
+    fine-tuned from it). ``parameter_distance`` over the first is the distance of what the two networks share."""
+    kept: dict[str, list[str]] = {}
+    left_out: list[str] = []
+    for part, names in parts.items():
+        for name in names:
+            if name in a and name in b and a[name].shape == b[name].shape:
+                kept.setdefault(part, []).append(name)
+            else:
+                left_out.append(name)
+    return kept, left_out
+
+
 def noise_scales(final: dict[str, Tensor], names: list[str]) -> dict[str, float]:
     """Each tensor's root mean square, ||theta_t^F||_F / sqrt(numel): the unit of its noise, so that the noise is
     proportional to each weight matrix's Frobenius norm (Neyshabur et al. 2020) and one grid of relative sigmas suits

@@ -89,8 +89,8 @@ def fit_args(study: str, run: str) -> None:
 
 def analyse(study: str, accelerator: str = "auto", devices: str = "auto", num_nodes: int = 1) -> None:
     """The study's passes over its networks on Lightning's Trainer (N devices, SLURM under srun): CKA and
-    prediction agreement (<report>/cka.json), barriers and criticality of ``transfer:`` (<report>/transfer.json);
-    then the report.
+    prediction agreement (<report>/cka.json), barriers, criticality and the representation tables of ``transfer:``
+    (<report>/transfer.json); then the report.
 
     Args:
         study: the study file.
@@ -112,8 +112,8 @@ def analyse(study: str, accelerator: str = "auto", devices: str = "auto", num_no
             spec.report.mkdir(parents=True, exist_ok=True)
             (spec.report / "transfer.json").write_text(json.dumps(found, indent=1))
             seconds = time.perf_counter() - start
-            print(f"transfer: {len(found['barriers'])} barrier pairs, {len(found['criticality'])} criticality runs: "
-                  f"{seconds:.0f} s", flush=True)
+            print(f"transfer: {len(found['barriers'])} barrier pairs, {len(found['criticality'])} criticality runs, "
+                  f"{len(found.get('representations', {}).get('pairs', []))} representation pairs: {seconds:.0f} s", flush=True)
             record_time(spec.report, "transfer analysis", seconds)
     if trainer.is_global_zero:  # every process took part in the passes; one writes the report
         report(study, cka_file=str(spec.report / "cka.json") if cka else None)
@@ -198,7 +198,7 @@ def record_time(folder: Path, part: str, seconds: float) -> None:
 
 def cka(pairs: Optional[list[tuple[str, str]]] = None, out: str = "cka", matrix: Optional[list[str]] = None, layer: str = "penultimate",
         agreement: bool = False, batch_size: int = 250, images: Optional[int] = None, epochs: int = 1, seed: int = 0,
-        accelerator: str = "auto", devices: str = "auto", num_nodes: int = 1) -> None:
+        stem: bool = False, accelerator: str = "auto", devices: str = "auto", num_nodes: int = 1) -> None:
     """Block x block CKA between pairs of checkpoints (Figure 2a), optionally one layer's CKA between every two
     of ``matrix`` (Figure 2b) and their prediction agreement, on the first run's validation images; writes
     <out>/cka.json and <out>/figure2_cka.png.
@@ -214,6 +214,7 @@ def cka(pairs: Optional[list[tuple[str, str]]] = None, out: str = "cka", matrix:
         images: this many validation images, drawn class-balanced (all by default).
         epochs: passes over the images, each in a fresh random order (the paper: 10 over ImageNet val).
         seed: seed of the images drawn, their orders, and the untrained control's initialisation.
+        stem: the pairs' layers start with the stem's output (the first block's input).
     """
     from .compare import compare, pass_trainer
     from .report import figure_two
@@ -224,7 +225,7 @@ def cka(pairs: Optional[list[tuple[str, str]]] = None, out: str = "cka", matrix:
         raise SystemExit("cka: name --pairs and/or --matrix (run folders or .ckpt files).")
     trainer = pass_trainer(accelerator, devices, num_nodes)
     results = compare({n: n for n in names}, [tuple(p) for p in pairs], matrix or [], layer, agreement,
-                      batch_size=batch_size, images=images, seed=seed, epochs=epochs, trainer=trainer)
+                      batch_size=batch_size, images=images, seed=seed, epochs=epochs, stem=stem, trainer=trainer)
     if trainer.is_global_zero:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,13 @@ layer's CKA between many networks (Figure 2b), and prediction agreement (Figure 
 All networks see the same validation images in one pass. Each network's block outputs (hooked after the
 block's final ReLU) and penultimate features are reduced to Gram matrices inside the forward hooks (so an
 in-place ReLU later in the network cannot change what was captured, and no activations are held), each
-computed once per batch and shared by every comparison that needs it (``measurements.MinibatchCKA``).
+computed once per batch and shared by every comparison that needs it (``measurements.MinibatchCKA``). With
+``stem``, the stem's output comes first: the first block's input, reduced by a hook that runs before that block
+(the block could otherwise write into its input in place).
+
+CKA needs networks of one backbone only: the blocks and the penultimate features do not depend on the head, so a
+pre-trained network (its task's classes) compares with one fine-tuned from it (the target's). Prediction agreement
+needs equal heads as well (``check_comparable``).
 
 Which images, in which order: a seeded draw (``pass_images``), class-balanced where it takes a subset and in
 random order, from the labels and the seed alone. Converted data sets are written class by class, so "the first
@@ -43,6 +49,7 @@ __all__ = ["Comparison", "ComparisonError", "FixedImages", "compare", "load_netw
            "recompute_batch_norm"]
 
 PENULTIMATE = "penultimate"
+STEM = "stem"  # the stem's output: what the first block reads
 UNTRAINED = "@untrained"
 
 
@@ -65,6 +72,11 @@ class Loaded:
     @property
     def layers(self) -> list[str]:
         return [*self.module.eval_network.blocks(), PENULTIMATE]
+
+
+def compared_layers(loaded: Loaded, stem: bool) -> list[str]:
+    """The layers a comparison hooks in forward order: the stem's output when ``stem``, each block, penultimate."""
+    return [STEM, *loaded.layers] if stem else loaded.layers
 
 
 def checkpoint_of(ref: str) -> tuple[Path, bool]:
@@ -143,25 +155,27 @@ class Comparison(L.LightningModule):
         matrix: names of the networks of the matrix (and of prediction agreement).
         agreement: prediction agreement between every two of ``matrix``.
         bn_images: training images the untrained networks' batch-norm moments are computed on.
+        stem: compare the stem's output too, as every network's first layer (``compared_layers``).
     """
 
     def __init__(self, networks: list[Loaded], pairs: list[tuple[str, str]], matrix_layer: Optional[str],
-                 matrix: list[str], agreement: bool, bn_images: int = 2000):
+                 matrix: list[str], agreement: bool, bn_images: int = 2000, stem: bool = False):
         super().__init__()
         self.bn_images = bn_images
         self.loaded = {n.name: n for n in networks}
+        self.layers = {n.name: compared_layers(n, stem) for n in networks}
         self.classifiers = torch.nn.ModuleDict({n.name: n.module for n in networks})
         self.pairs, self.matrix, self.matrix_layer = pairs, matrix, matrix_layer
         self.pair_cka = torch.nn.ModuleList(
-            MinibatchCKA(len(self.loaded[a].layers), len(self.loaded[b].layers)) for a, b in pairs)
+            MinibatchCKA(len(self.layers[a]), len(self.layers[b])) for a, b in pairs)
         self.matrix_cka = MinibatchCKA(len(matrix), len(matrix)) if matrix_layer and matrix else None
         self.agreement_pairs = list(itertools.combinations(matrix, 2)) if agreement else []
         self.agreement = torch.nn.ModuleList(PredictionAgreement() for _ in self.agreement_pairs)
         # Which layers' Gram matrices each network must give per batch.
         self.needed = {name: set() for name in self.loaded}
         for a, b in pairs:
-            self.needed[a].update(self.loaded[a].layers)
-            self.needed[b].update(self.loaded[b].layers)
+            self.needed[a].update(self.layers[a])
+            self.needed[b].update(self.layers[b])
         if self.matrix_cka is not None:
             for name in matrix:
                 self.needed[name].add(matrix_layer)
@@ -179,8 +193,8 @@ class Comparison(L.LightningModule):
             grams[name], logits = self._forward(loaded, images)
             predictions[name] = logits.argmax(1)
         for (a, b), metric in zip(self.pairs, self.pair_cka):
-            metric.update(torch.stack([grams[a][l] for l in self.loaded[a].layers]),
-                          torch.stack([grams[b][l] for l in self.loaded[b].layers]))
+            metric.update(torch.stack([grams[a][l] for l in self.layers[a]]),
+                          torch.stack([grams[b][l] for l in self.layers[b]]))
         if self.matrix_cka is not None:
             self.matrix_cka.update(torch.stack([grams[n][self.matrix_layer] for n in self.matrix]))
         for (a, b), metric in zip(self.agreement_pairs, self.agreement):
@@ -189,14 +203,17 @@ class Comparison(L.LightningModule):
     def _forward(self, loaded: Loaded, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         network, needed, grams = loaded.module.eval_network, self.needed[loaded.name], {}
 
-        def hook(name):
-            def reduce(_module, _inputs, output):
-                with torch.autocast(output.device.type, enabled=False):
-                    grams[name] = gram(output)  # now: a later in-place ReLU would change ``output``
+        def hook(name, of_input: bool = False):
+            def reduce(_module, inputs, output=None):
+                x = inputs[0] if of_input else output
+                with torch.autocast(x.device.type, enabled=False):
+                    grams[name] = gram(x)  # now: a later in-place ReLU would change ``x``
             return reduce
 
         blocks = network.blocks()
-        handles = [blocks[n].register_forward_hook(hook(n)) for n in needed if n != PENULTIMATE]
+        handles = [blocks[n].register_forward_hook(hook(n)) for n in needed if n not in (PENULTIMATE, STEM)]
+        if STEM in needed:  # the stem's output is the first block's input, taken before that block runs
+            handles.append(next(iter(blocks.values())).register_forward_pre_hook(hook(STEM, of_input=True)))
         try:
             features = network(images)
         finally:
@@ -209,7 +226,7 @@ class Comparison(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         # compute() combines the ranks' sums: every rank calls it.
         self.results = {
-            "pairs": [{"a": a, "b": b, "layers_a": self.loaded[a].layers, "layers_b": self.loaded[b].layers,
+            "pairs": [{"a": a, "b": b, "layers_a": self.layers[a], "layers_b": self.layers[b],
                        "cka": metric.compute().tolist()} for (a, b), metric in zip(self.pairs, self.pair_cka)],
         }
         if self.matrix_cka is not None:
@@ -308,24 +325,28 @@ class FixedImages(L.LightningDataModule):
 
 def compare(networks: dict[str, str], pairs: list[tuple[str, str]] = (), matrix: list[str] = (),
             matrix_layer: Optional[str] = PENULTIMATE, agreement: bool = False, data=None, batch_size: int = 250,
-            images: Optional[int] = None, bn_images: int = 2000, seed: int = 0, epochs: int = 1,
+            images: Optional[int] = None, bn_images: int = 2000, seed: int = 0, epochs: int = 1, stem: bool = False,
             trainer: Optional[L.Trainer] = None) -> dict:
-    """CKA (``pairs``: block x block; ``matrix``: ``matrix_layer`` between every two) and prediction agreement
-    of ``networks`` ({name: run folder or .ckpt, optionally @untrained}) on ``images`` validation images of ``data``
-    (the first network's run's data module by default) drawn by ``pass_images`` from ``seed``, read ``epochs``
-    times; returns the results (on every process), with what was read under ``images``."""
+    """CKA (``pairs``: layer x layer, the stem's output first with ``stem``; ``matrix``: ``matrix_layer`` between
+    every two) and prediction agreement of ``networks`` ({name: run folder or .ckpt, optionally @untrained}) on
+    ``images`` validation images of ``data`` (the first network's run's data module by default) drawn by
+    ``pass_images`` from ``seed``, read ``epochs`` times; returns the results (on every process), with what was read
+    under ``images``. Every network must have one backbone; those of ``matrix`` one head too when ``agreement``."""
     if batch_size < 4:
         raise ComparisonError(f"batch_size {batch_size}: unbiased HSIC needs more than 3 images per batch (it divides by n(n-3)).")
     loaded = [load_network(name, ref, seed) for name, ref in networks.items()]
-    check_comparable(loaded)
-    if matrix_layer is not None and matrix and matrix_layer not in loaded[0].layers:
+    check_comparable(loaded, classes=False)
+    if agreement and matrix:  # predictions are compared: the same classes
+        check_comparable([x for x in loaded if x.name in matrix])
+    layers = compared_layers(loaded[0], stem)
+    if matrix_layer is not None and matrix and matrix_layer not in layers:
         raise ComparisonError(f"matrix layer {matrix_layer!r} is not a layer of {loaded[0].name}; its layers: "
-                              f"{', '.join(loaded[0].layers)}.")
+                              f"{', '.join(layers)}.")
     if data is None:
         data = data_module_of(run_folder_of(loaded[0].source))
     images_module = FixedImages(data, batch_size, images, min_last_batch=4, seed=seed, epochs=epochs)
     trainer = trainer or pass_trainer()
-    module = Comparison(loaded, list(pairs), matrix_layer, list(matrix), agreement, bn_images)
+    module = Comparison(loaded, list(pairs), matrix_layer, list(matrix), agreement, bn_images, stem)
     trainer.validate(module, datamodule=images_module, verbose=False)
     return {**module.results, "images": images_module.record()}
 
@@ -336,12 +357,17 @@ def pass_trainer(accelerator: str = "auto", devices: str = "auto", num_nodes: in
                      enable_checkpointing=False, enable_progress_bar=False)
 
 
-def check_comparable(loaded: list[Loaded]) -> None:
+def check_comparable(loaded: list[Loaded], classes: bool = True) -> None:
+    """Every network of ``loaded`` is the first's backbone (architecture and source) and, with ``classes``, has its
+    number of classes too: what predictions, paths between networks and whole-network distances need. CKA of the
+    blocks and of the penultimate features needs the backbone alone (``classes=False``): a pre-trained network and
+    one fine-tuned from it to another task's head."""
     first = loaded[0]
     for other in loaded[1:]:
-        if other.architecture != first.architecture:
+        a, b = first.architecture, other.architecture
+        if a[:2] != b[:2] or (classes and a[2] != b[2]):
+            what = ("differ in architecture or classes; compare networks of one architecture trained on one data set"
+                    if classes else "differ in backbone; compare networks of one backbone architecture")
             raise ComparisonError(
-                f"{first.name} ({first.source}: {first.architecture[0]} from {first.architecture[1]}, {first.architecture[2]} "
-                f"classes) and {other.name} ({other.source}: {other.architecture[0]} from {other.architecture[1]}, "
-                f"{other.architecture[2]} classes) differ in architecture or classes; compare networks of one architecture "
-                f"trained on one data set.")
+                f"{first.name} ({first.source}: {a[0]} from {a[1]}, {a[2]} classes) and {other.name} ({other.source}: "
+                f"{b[0]} from {b[1]}, {b[2]} classes) {what}.")

@@ -23,7 +23,8 @@ overrides: [--model.init_from=null, --trainer.default_root_dir=runs/transfer/ri_
 the folder is named by the objective). ``{seed}`` in a variant's overrides is the run's seed, so fine-tuning seed k
 can start from pre-training seed k (``--model.init_from=runs/imagenet/softmax/seed{seed}/checkpoints/last.ckpt``).
 ``grid:`` chooses its lr and weight decay as appendix A.3 does (``GridPlan``). ``transfer:`` adds Neyshabur et al.'s passes on the runs' checkpoints
-(``TransferPlan``: barriers between pairs, module criticality against each run's ``epoch000.ckpt``).
+(``TransferPlan``: barriers between pairs, module criticality against each run's ``epoch000.ckpt``, the talk's
+tables of CKA by stage, distance and errors between ``representations`` pairs).
 
 A run is ``<experiment>/seed<k>``; it lives in the folder ``cli.py fit`` names for it (``cli.run_folder``).
 """
@@ -98,7 +99,10 @@ class TransferPlan:
     interpolated; 95 % bootstrap intervals from ``resamples`` resamples of the images), parameter distances of the
     same pairs, and the module criticality of ``criticality`` runs against their starting weights (``modules``:
     layers or blocks; admissible by train ``error`` within ``epsilon`` of the final's, or by ``loss``), on
-    ``images`` training and test images drawn class-balanced from ``seed``, which also seeds the noise."""
+    ``images`` training and test images drawn class-balanced from ``seed``, which also seeds the noise. For the
+    ``representations`` pairs, the talk's tables (``transfer.representations``): CKA by stage, parameter distance
+    (whole and per module, over the parameters both share) and, between runs of the target's head, where they err;
+    on ``images`` test images of the target of the first pair's first run (name a fine-tuned run first)."""
 
     pairs: tuple[tuple[str, str], ...] = ()
     lambdas: tuple[float, ...] = tuple(round(0.02 * i, 2) for i in range(51))  # 51 points in [0, 1], as the authors' 50
@@ -114,6 +118,7 @@ class TransferPlan:
     batch_size: int = 250
     resamples: int = 1000
     seed: int = 0
+    representations: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -203,9 +208,9 @@ class Study:
             known = set(TransferPlan.__dataclass_fields__)
             if set(t) - known:
                 raise StudyError(f"{path}: unknown transfer keys {sorted(set(t) - known)}; transfer has {', '.join(sorted(known))}.")
-            for key in ("pairs", "lambdas", "criticality", "alphas", "sigmas"):
+            for key in ("pairs", "representations", "lambdas", "criticality", "alphas", "sigmas"):
                 if key in t:
-                    t[key] = tuple(tuple(p) if key == "pairs" else p for p in t[key])
+                    t[key] = tuple(tuple(p) if key in ("pairs", "representations") else p for p in t[key] or ())
             transfer = TransferPlan(**t)
         study = cls(path, experiments, tuple(seeds), tuple(spec.get("overrides") or ()), Path(spec.get("report", "report")),
                     cka, bool(spec.get("agreement", False)), variants, transfer, own_seeds, grids)
@@ -246,6 +251,11 @@ class Study:
         from .transfer import check_grid, check_lambdas
 
         self._check_run_pairs(self.transfer.pairs, "barrier")
+        self._check_run_pairs(self.transfer.representations, "representations")
+        for pair in self.transfer.representations:
+            if any(n.endswith(UNTRAINED) for n in pair):
+                raise StudyError(f"{self.path}: transfer.representations pair {list(pair)}: these tables compare trained "
+                                 f"runs; an untrained control belongs in cka.pairs.")
         for name in self.transfer.criticality:
             self.run(name)
         try:

@@ -20,6 +20,12 @@ set drawn class-balanced from a seed, in fixed batches, each batch whole on one 
   Batch-norm moments stay the final network's (the definition perturbs weights; the moments are not). Also every
   module rewound to theta_i^0 alone, on train and test.
 
+- Representations (the talk's tables, ``representations``): for pairs of runs, linear CKA of each stage (the stem's
+  output, every block, the penultimate features; ``compare`` with ``stem``, the same layer of both networks), the
+  parameter distance whole and per module over the parameters both share, and where the pair errs (prediction
+  agreement, and who alone is right), on the test images of the first pair's first run's target, drawn by
+  ``pass_images``. A pre-trained network has its task's head: it joins CKA and distance, not the errors.
+
 The loss is the softmax cross-entropy of the logits as each network's objective forms them, whatever it was
 trained with, so that paths between networks of different objectives are measured in one unit.
 """
@@ -42,12 +48,13 @@ from torchmetrics import Metric
 from lightning_modules.classifier import accuracy_tag
 from measurements.accuracy import score_from_counts
 from measurements.weight_space import (bootstrap_barriers, interpolate, loss_barrier, module_criticality, noise_scales, parameter_distance, perturb,
-                                       scaled_distance_sq)
+                                       scaled_distance_sq, shared_parts)
 
-from .compare import (ComparisonError, FixedImages, Loaded, check_comparable, data_module_of, load_network, pass_trainer,
+from .compare import (ComparisonError, FixedImages, Loaded, check_comparable, compare, data_module_of, load_network, pass_trainer,
                       recompute_batch_norm, run_folder_of)
 
-__all__ = ["InterpolationPath", "Criticality", "LossSums", "barrier", "criticality", "distance"]
+__all__ = ["InterpolationPath", "Criticality", "LossSums", "barrier", "criticality", "distance", "representations",
+           "shared_distance"]
 
 SPLITS = ("train", "test")
 Admissible = Literal["error", "loss"]
@@ -333,11 +340,22 @@ def barrier_pair(a: str, b: str, lambdas: Sequence[float], **options) -> dict:
 
 
 def distance(a: str, b: str) -> dict[str, float]:
-    """||theta_a - theta_b||_2 of the evaluated weights, whole network ("all") and per module (``Network.parts``)."""
+    """||theta_a - theta_b||_2 of the evaluated weights, whole network ("all") and per module (``Network.parts``),
+    over the parameters both hold with equal shapes (``shared_distance`` names those left out)."""
+    return shared_distance(a, b)["distance"]
+
+
+def shared_distance(a: str, b: str) -> dict:
+    """``distance`` of two networks of one backbone, whatever their heads: {"distance": {"all", module: ...},
+    "left_out": the parameters not in both with equal shapes (a head of other classes), by name}. The modules are
+    a's; a module all of whose parameters are left out has no distance, and "all" is over the rest."""
     loaded = [load_network("a", a), load_network("b", b)]
-    check_comparable(loaded)
+    check_comparable(loaded, classes=False)
     nets = [x.module.eval_network for x in loaded]
-    return parameter_distance(dict(nets[0].named_parameters()), dict(nets[1].named_parameters()), nets[0].parts())
+    theta_a, theta_b = dict(nets[0].named_parameters()), dict(nets[1].named_parameters())
+    parts, left_out = shared_parts(theta_a, theta_b, nets[0].parts())
+    left_out += [n for n in theta_b if n not in theta_a]  # b's own, which a's modules cannot name
+    return {"distance": parameter_distance(theta_a, theta_b, parts), "left_out": left_out}
 
 
 def criticality(final: str, initial: str, alphas: Sequence[float], sigmas: Sequence[float], draws: int = 10,
@@ -362,6 +380,41 @@ def criticality(final: str, initial: str, alphas: Sequence[float], sigmas: Seque
     images_module = FixedImages(data, batch_size, images, ("train", "val"), seed=seed)
     (trainer or pass_trainer()).validate(module, datamodule=images_module, verbose=False)
     return {**module.results, "modules_by": modules, "final": final, "initial": initial, "images": images_module.record()}
+
+
+def representations(pairs: Sequence[tuple[str, str]], folders: dict[str, Path], images: Optional[int] = 1000,
+                    batch_size: int = 250, seed: int = 0, trainer: Optional[L.Trainer] = None) -> dict:
+    """The talk's three tables for ``pairs`` of runs ({name: run folder}), in one pass (``compare``): per pair the CKA
+    of each layer of ``compare``'s with ``stem`` (the stem's output, each block, penultimate) against the same layer of
+    the other network (the diagonal of its layer x layer CKA, kept whole under ``cka_matrix``), ``shared_distance``,
+    and, where both heads have the target's classes, ``errors``: ``prediction_agreement`` with a the pair's first.
+    The images are ``images`` test images of the target of the first pair's first run (its data module), drawn
+    class-balanced from ``seed`` and read in fixed batches of ``batch_size``: the same on any number of processes."""
+    names = list(dict.fromkeys(n for pair in pairs for n in pair))
+    first = pairs[0][0]
+    classes = {n: checkpoint_hparams(folders[n]).get("num_classes") for n in names}
+    predicting = [n for n in names if classes[n] == classes[first]]  # heads of the target's classes
+    judged = [(a, b) for a, b in pairs if a in predicting and b in predicting]
+    matrix = [n for n in predicting if any(n in pair for pair in judged)]
+    found = compare({n: str(folders[n]) for n in names}, list(pairs), matrix, None, agreement=bool(judged),
+                    data=data_module_of(folders[first]), batch_size=batch_size, images=images, seed=seed, stem=True,
+                    trainer=trainer)
+    agreement = {(r["a"], r["b"]): r for r in found["agreement"]}
+    rows = []
+    for (a, b), cka in zip(pairs, found["pairs"]):
+        errors = agreement.get((a, b)) or _swapped(agreement.get((b, a)))
+        rows.append({"a": a, "b": b, "cka": dict(zip(cka["layers_a"], np.diag(np.array(cka["cka"])).tolist())),
+                     "cka_matrix": cka["cka"], **shared_distance(str(folders[a]), str(folders[b])),
+                     "classes": [classes[a], classes[b]], "errors": errors if (a, b) in judged else None})
+    return {"pairs": rows, "layers": found["pairs"][0]["layers_a"], "images_of": first, "images": found["images"]}
+
+
+def _swapped(entry: Optional[dict]) -> Optional[dict]:
+    """An agreement entry of (b, a) as (a, b): who alone is right changes sides, the rest is symmetric."""
+    if entry is None:
+        return None
+    return {**entry, "a": entry["b"], "b": entry["a"], "a_right_alone": entry["b_right_alone"],
+            "b_right_alone": entry["a_right_alone"]}
 
 
 # --- a study's transfer analysis (``transfer:`` in its file): written to <report>/transfer.json ---
@@ -416,9 +469,14 @@ def pretraining_source(folder: Path) -> Optional[Path]:
 
 def run_measure(folder: Path) -> Optional[str]:
     """The accuracy measure a finished run was validated in (its checkpoint's ``measure``, linked from its data)."""
+    return checkpoint_hparams(folder).get("measure")
+
+
+def checkpoint_hparams(folder: Path) -> dict:
+    """The hyper-parameters of a finished run's ``last.ckpt``."""
     checkpoint = folder / "checkpoints" / "last.ckpt"
     # mmap: the hyper-parameters without reading the weights
-    return torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {}).get("measure")
+    return torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {})
 
 
 def checkpoint_probes(folder: Path) -> list[dict]:
@@ -461,7 +519,8 @@ def scalar_curves(folder: Path, tags: Sequence[str]) -> dict[str, list[tuple[int
 def analyse_transfer(study, trainer: Optional[L.Trainer] = None) -> dict:
     """The study's transfer analysis: every finished run's learning curve, the probes of every checkpoint a run kept
     and probed, barriers (recomputed and interpolated batch-norm moments) and distances of ``transfer.pairs``,
-    criticality of ``transfer.criticality``; runs not finished are listed, never silently left out."""
+    criticality of ``transfer.criticality``, the talk's tables of ``transfer.representations`` (``representations``);
+    runs not finished are listed, and pairs that name one skipped, never silently left out."""
     from callbacks.checkpoints import finished
 
     from .sweep import grid_scores, run_state
@@ -495,4 +554,8 @@ def analyse_transfer(study, trainer: Optional[L.Trainer] = None) -> dict:
                                 plan.admissible, plan.modules, **common)
             found["run"] = name
             results["criticality"].append(found)
+    if plan.representations:
+        ready = [pair for pair in plan.representations if all(n in done for n in pair)]
+        found = representations(ready, done, **common) if ready else {"pairs": []}
+        results["representations"] = {**found, "skipped": [list(p) for p in plan.representations if p not in ready]}
     return results

@@ -1,8 +1,9 @@
 """The report's section on what is transferred (Neyshabur et al. 2020), from ``<report>/transfer.json``
 (``study.transfer.analyse_transfer``): fine-tuning P-T against RI-T (final test accuracy and loss, mean ± s.e.
 over seeds, and how fast each gets there), learning curves, block shuffling, which pre-training checkpoint
-transfers best, loss and error barriers, parameter distances and module criticality; each with its figure,
-and a plain statement of which of the talk's findings these runs show.
+transfers best, loss and error barriers, parameter distances and module criticality; each with its figure;
+the talk's tables between pairs of runs (CKA by stage, distance whole and per module, where they err; absent from
+a transfer.json written before them); and a plain statement of which of the talk's findings these runs show.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from .report import ALPHA, T_TEST, T_TESTS, Cell, _pyplot, anova_objective_p, column, save_figure
 
-__all__ = ["transfer_section", "steps_to_reach"]
+__all__ = ["transfer_section", "steps_to_reach", "representation_lines"]
 
 FRACTION = 0.9  # training speed: the first step at which test accuracy reaches this fraction of the run's final
 BASIN = 0.01  # one basin: a test error barrier below 1 %, decided on its bootstrap interval
@@ -95,6 +96,7 @@ def transfer_section(transfer: dict, out: Path, t_test: str = T_TEST) -> tuple[l
     if transfer["barriers"]:
         figures.append(figure_barriers(transfer["barriers"], out / "figure_transfer_barriers.png"))
     lines += criticality_lines(transfer["criticality"])
+    lines += representation_lines(transfer.get("representations"), transfer["runs"])
     if transfer["criticality"]:
         figures.append(figure_criticality(transfer["criticality"], out / "figure_transfer_criticality.png"))
     lines += findings(groups, summaries, transfer)
@@ -280,6 +282,103 @@ def criticality_lines(found: list[dict]) -> list[str]:
     return lines + [""]
 
 
+KIND = {"P-T": "P-T", "RI-T": "RI-T", "pre-training": "P"}  # the talk's names of the runs
+
+
+def _kinds(runs: list[dict]) -> dict[str, str]:
+    """Each run's kind in the talk's words: P (pre-training), P-T, RI-T."""
+    return {r["run"]: KIND.get(r["kind"], r["kind"]) for r in runs}
+
+
+def _pair_kind(pair: dict, kinds: dict[str, str]) -> str:
+    return f"{kinds.get(pair['a'], '?')} & {kinds.get(pair['b'], '?')}"
+
+
+def representation_lines(found: Optional[dict], runs: list[dict]) -> list[str]:
+    """The talk's three tables between pairs of runs (``study.transfer.representations``): CKA of each stage with the
+    same stage of the other network; ℓ2 distance whole and per module, naming what was left out; and, between runs
+    with the target's head, prediction agreement and who alone is right. [] without them (an older transfer.json)."""
+    if not found:
+        return []
+    lines = ["### Representations, distances and mistakes between runs (the talk's tables)", ""]
+    if found.get("skipped"):
+        lines += [f"Pairs not computed, a run is not finished: {', '.join(' – '.join(p) for p in found['skipped'])}.", ""]
+    pairs = found.get("pairs") or []
+    if not pairs:
+        return lines
+    kinds = _kinds(runs)
+    read = found.get("images") or {}
+    val = read.get("val") or {}
+    images = (f"{val.get('images', '?')} test images of {found.get('images_of', '?')}'s target ({val.get('classes', '?')} "
+              f"classes), drawn class-balanced from seed {read.get('seed', '?')}")
+    layers = found.get("layers") or list(pairs[0]["cka"])
+    lines += [f"Linear CKA (minibatch, unbiased HSIC) of each stage with the same stage of the other network: the stem's "
+              f"output, each block, the penultimate features; on {images}. The talk: P-T models are similar to each "
+              "other and to P in the lower layers, RI-T models are not, even to each other.", "",
+              "| pair | kinds | " + " | ".join(layers) + " |", "|---|---|" + "---|" * len(layers)]
+    for pair in pairs:
+        cells = ["–" if pair["cka"].get(layer) is None else f"{pair['cka'][layer]:.3f}" for layer in layers]
+        lines.append(f"| {pair['a']} – {pair['b']} | {_pair_kind(pair, kinds)} | " + " | ".join(cells) + " |")
+    modules = list(dict.fromkeys(m for pair in pairs for m in pair["distance"] if m != "all"))
+    lines += ["", "‖θ_a − θ_b‖₂ of the evaluated weights, whole network and per module, over the parameters both "
+              "networks hold with equal shapes; those left out (a head of other classes) are named, and a row that leaves "
+              "some out has its 'all' over the rest. The talk: two P-T models are much closer to each other than two "
+              "RI-T models.", "",
+              "| pair | kinds | all | " + " | ".join(modules) + " | left out |", "|---|---|---|" + "---|" * (len(modules) + 1)]
+    for pair in pairs:
+        d = pair["distance"]
+        cells = ["–" if d.get(m) is None else f"{d[m]:.2f}" for m in modules]
+        lines.append(f"| {pair['a']} – {pair['b']} | {_pair_kind(pair, kinds)} | {d['all']:.2f} | " + " | ".join(cells)
+                     + f" | {', '.join(pair.get('left_out') or []) or 'none'} |")
+    judged = [pair for pair in pairs if pair.get("errors")]
+    if judged:
+        lines += ["", f"Where the runs err, on the same {val.get('images', '?')} test images: agreement, the fraction "
+                  "predicted alike; same mistake, among the images both get wrong, the fraction with the same wrong "
+                  "class; and who is right: both, a (the pair's first) alone, b alone, neither (these four sum to 100 %). "
+                  "Pairs with a head of other classes (P) have no row. The talk: P-T models make similar mistakes (two "
+                  "of them agree more and share more mistakes than two RI-T models).", "",
+                  "| pair | kinds | agreement (%) | same mistake (%) | both right (%) | a alone (%) | b alone (%) | "
+                  "both wrong (%) |", "|---|---|---|---|---|---|---|---|"]
+        for pair in judged:
+            e = pair["errors"]
+            same = "–" if e["shared_wrong"] is None or math.isnan(e["shared_wrong"]) else f"{100 * e['shared_wrong']:.1f}"
+            lines.append(f"| {pair['a']} – {pair['b']} | {_pair_kind(pair, kinds)} | {100 * e['agreement']:.1f} | {same} | "
+                         f"{100 * e['both_right']:.1f} | {100 * e['a_right_alone']:.1f} | {100 * e['b_right_alone']:.1f} | "
+                         f"{100 * e['both_wrong']:.1f} |")
+    return lines + [""]
+
+
+def representation_findings(found: Optional[dict], runs: list[dict]) -> list[str]:
+    """The talk's three findings between runs, each said as these runs' numbers come out: two P-T runs against two
+    RI-T runs, by the mean over the pairs of each kind."""
+    pairs = (found or {}).get("pairs") or []
+    if not pairs:  # an older transfer.json, or no pair finished: nothing to say, and nothing of the runs needed
+        return []
+    kinds = _kinds(runs)
+    by_kind: dict[str, list[dict]] = {}
+    for pair in pairs:
+        by_kind.setdefault(_pair_kind(pair, kinds), []).append(pair)
+    pt, rit = by_kind.get("P-T & P-T", []), by_kind.get("RI-T & RI-T", [])
+    if not pt or not rit:
+        return []
+    mean = lambda rows, value: float(np.mean([value(r) for r in rows]))  # noqa: E731
+    lines = []
+    lowest = (found.get("layers") or list(pairs[0]["cka"]))[0]
+    a, b = mean(pt, lambda r: r["cka"][lowest]), mean(rit, lambda r: r["cka"][lowest])
+    to_p = [r for k, rows in by_kind.items() if k in ("P-T & P", "P & P-T") for r in rows]
+    with_p = f", P-T & P {mean(to_p, lambda r: r['cka'][lowest]):.3f}" if to_p else ""
+    lines.append(f"- CKA of the {lowest}: P-T & P-T {a:.3f}{with_p}, RI-T & RI-T {b:.3f}: two P-T runs are "
+                 f"{'more' if a > b else 'not more'} alike in the lowest layer than two RI-T runs.")
+    a, b = mean(pt, lambda r: r["distance"]["all"]), mean(rit, lambda r: r["distance"]["all"])
+    lines.append(f"- ‖θ_a − θ_b‖₂: P-T & P-T {a:.2f}, RI-T & RI-T {b:.2f}: two P-T runs are {'closer' if a < b else 'not closer'} "
+                 f"to each other than two RI-T runs.")
+    if all(r.get("errors") for r in pt + rit):
+        a, b = mean(pt, lambda r: r["errors"]["agreement"]), mean(rit, lambda r: r["errors"]["agreement"])
+        lines.append(f"- Prediction agreement: P-T & P-T {100 * a:.1f} %, RI-T & RI-T {100 * b:.1f} %: two P-T runs "
+                     f"{'agree more' if a > b else 'do not agree more'} than two RI-T runs.")
+    return lines
+
+
 def findings(groups: dict, summaries: dict, transfer: dict) -> list[str]:
     """The talk's findings, each checked against these runs' numbers, said as they come out."""
     arms = main_arms(groups)
@@ -337,6 +436,7 @@ def findings(groups: dict, summaries: dict, transfer: dict) -> list[str]:
             order = " < ".join(p for p, _ in sorted(known, key=lambda x: x[1]))
             lines.append(f"- {c['run']}: modules from least to most critical: {order} (μ from {low[1]:.3g} to {high[1]:.3g})"
                          f"{'; beyond the grid: ' + ', '.join(p for p, mu in mus if mu is None) if len(known) < len(mus) else ''}.")
+    lines += representation_findings(transfer.get("representations"), transfer["runs"])
     return lines + [""]
 
 

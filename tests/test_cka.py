@@ -209,16 +209,20 @@ def test_mismatched_grams_are_named():
 
 def brute_force_agreement(a, b, labels):
     a, b, labels = a.tolist(), b.tolist(), labels.tolist()
-    same = both_ok = both_wrong = same_wrong = 0
+    same = both_ok = both_wrong = same_wrong = both_right = a_alone = b_alone = 0
     for p, q, t in zip(a, b, labels):
         same += p == q
         both_ok += (p == t) == (q == t)
+        both_right += p == t and q == t
+        a_alone += p == t and q != t
+        b_alone += p != t and q == t
         if p != t and q != t:
             both_wrong += 1
             same_wrong += p == q
     n = len(labels)
     return {"agreement": same / n, "both_right_or_both_wrong": both_ok / n, "both_wrong": both_wrong / n,
-            "shared_wrong": same_wrong / both_wrong if both_wrong else float("nan")}
+            "shared_wrong": same_wrong / both_wrong if both_wrong else float("nan"), "both_right": both_right / n,
+            "a_right_alone": a_alone / n, "b_right_alone": b_alone / n}
 
 
 def agreement_data(n: int = 300, classes: int = 5, seed: int = 0):
@@ -234,6 +238,7 @@ def test_prediction_agreement_matches_a_loop_from_class_indices_or_scores():
     a, b = scores_a.argmax(1), scores_b.argmax(1)
     expected = brute_force_agreement(a, b, labels)
     assert 0 < expected["both_wrong"] and 0 < expected["shared_wrong"] < 1 and expected["agreement"] < 1
+    assert 0 < expected["a_right_alone"] and 0 < expected["b_right_alone"]
     assert prediction_agreement(a, b, labels) == pytest.approx(expected, rel=1e-12)
     assert prediction_agreement(scores_a, scores_b, labels) == pytest.approx(expected, rel=1e-12)
 

@@ -350,3 +350,69 @@ def test_one_basin_is_decided_on_the_barriers_interval():
     assert one_basin({"error_barrier": 0.004, "error_barrier_interval": [0.0, 0.03]}) is None  # the images cannot tell
     assert one_basin({"error_barrier": 0.3, "error_barrier_interval": [0.25, 0.33]}) is False
     assert one_basin({"error_barrier": 0.02}) is False  # a result without an interval: the barrier itself
+
+
+def made_up_representations(rng) -> dict:
+    """A transfer.json's ``representations`` as ``study.transfer.representations`` writes it, with random numbers."""
+    layers = ["stem", "layer1.0", "layer2.0", "penultimate"]
+
+    def pair(a, b, head):
+        cka = rng.uniform(0, 1, len(layers))
+        distance = {"stem": rng.uniform(1, 5), "layer1.0": rng.uniform(1, 5), "layer2.0": rng.uniform(1, 5)}
+        if head:
+            distance["head"] = rng.uniform(1, 5)
+        distance["all"] = math.sqrt(sum(v**2 for v in distance.values()))
+        split = rng.dirichlet(np.ones(4))
+        errors = {"a": a, "b": b, "agreement": rng.uniform(0, 1), "both_right_or_both_wrong": split[0] + split[3],
+                  "shared_wrong": rng.uniform(0, 1), "both_right": split[0], "a_right_alone": split[1],
+                  "b_right_alone": split[2], "both_wrong": split[3]} if head else None
+        return {"a": a, "b": b, "cka": dict(zip(layers, cka)), "cka_matrix": np.diag(cka).tolist(), "distance": distance,
+                "left_out": [] if head else ["head.weight", "head.bias"], "classes": [6, 6 if head else 60], "errors": errors}
+
+    pairs = [pair("p_t/seed0", "pretrain/seed0", False), pair("p_t/seed0", "p_t/seed1", True),
+             pair("p_t/seed0", "ri_t/seed0", True), pair("ri_t/seed0", "ri_t/seed1", True)]
+    return {"pairs": pairs, "layers": layers, "images_of": "p_t/seed0", "skipped": [["ri_t/seed0", "pretrain/seed0"]],
+            "images": {"seed": 0, "epochs": 1, "val": {"images": 300, "classes": 6, "sha256": "0" * 64}}}
+
+
+def test_the_transfer_section_draws_the_talks_three_tables_and_does_without_them(tmp_path):
+    from study.transfer_report import transfer_section
+
+    def run(name, kind):
+        return {"run": name, "experiment": name.split("/")[0], "seed": int(name[-1]), "kind": kind, "pretraining_epoch": None,
+                "hyper": "", "block_shuffle": None, "validation_split": None, "target": "texture", "measure": "top1",
+                "curve": {"accuracy": [], "loss": []}}
+
+    runs = [run("pretrain/seed0", "pre-training"), run("p_t/seed0", "P-T"), run("p_t/seed1", "P-T"), run("ri_t/seed0", "RI-T"),
+            run("ri_t/seed1", "RI-T")]
+    found = made_up_representations(np.random.default_rng(3))
+    lines, _ = transfer_section({"runs": runs, "barriers": [], "criticality": [], "representations": found}, tmp_path)
+    text = "\n".join(lines)
+    assert "300 test images of p_t/seed0's target (6 classes), drawn class-balanced from seed 0" in text
+    assert "Pairs not computed, a run is not finished: ri_t/seed0 – pretrain/seed0." in text
+    assert "| pair | kinds | stem | layer1.0 | layer2.0 | penultimate |" in text
+    assert "| pair | kinds | all | stem | layer1.0 | layer2.0 | head | left out |" in text
+    kinds = ["P-T & P", "P-T & P-T", "P-T & RI-T", "RI-T & RI-T"]
+    for pair, kind in zip(found["pairs"], kinds):
+        label = f"| {pair['a']} – {pair['b']} | {kind} |"
+        cka = " | ".join(f"{pair['cka'][l]:.3f}" for l in found["layers"])
+        assert f"{label} {cka} |" in text
+        d = pair["distance"]
+        head = f"{d['head']:.2f}" if "head" in d else "–"
+        left = ", ".join(pair["left_out"]) or "none"
+        assert (f"{label} {d['all']:.2f} | {d['stem']:.2f} | {d['layer1.0']:.2f} | {d['layer2.0']:.2f} | {head} | {left} |"
+                in text)
+        e = pair["errors"]
+        if e is None:  # the pre-trained head has other classes: no row of errors
+            assert sum(line.startswith(label) for line in lines) == 2
+            continue
+        row = [100 * e[k] for k in ("agreement", "shared_wrong", "both_right", "a_right_alone", "b_right_alone", "both_wrong")]
+        assert f"{label} " + " | ".join(f"{v:.1f}" for v in row) + " |" in text
+    pt, rit = found["pairs"][1], found["pairs"][3]
+    closer = "closer" if pt["distance"]["all"] < rit["distance"]["all"] else "not closer"
+    assert (f"- ‖θ_a − θ_b‖₂: P-T & P-T {pt['distance']['all']:.2f}, RI-T & RI-T {rit['distance']['all']:.2f}: two P-T runs "
+            f"are {closer} to each other than two RI-T runs.") in text
+    assert f"- CKA of the stem: P-T & P-T {pt['cka']['stem']:.3f}, P-T & P {found['pairs'][0]['cka']['stem']:.3f}" in text
+    # A transfer.json written before these tables: the section stands without them.
+    lines, _ = transfer_section({"runs": runs, "barriers": [], "criticality": []}, tmp_path)
+    assert "### Which of the talk's findings these runs show" in lines and not any("Representations" in l for l in lines)

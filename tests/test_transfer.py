@@ -15,10 +15,11 @@ from datamodules import EmbeddedShapesDataModule
 from lightning_modules import ObjectiveClassifier
 from lightning_modules.classifier import PretrainingError
 from study.__main__ import analyse
-from study.compare import data_module_of, load_network
-from study.spec import Study
+from measurements.cka import gram, unbiased_hsic
+from study.compare import ComparisonError, Loaded, check_comparable, data_module_of, load_network, pass_images
+from study.spec import Study, StudyError
 from study.sweep import grid_scores, run_state, selected
-from study.transfer import barrier, criticality, distance
+from study.transfer import barrier, criticality, distance, representations, shared_distance
 
 from .helpers import scalars
 
@@ -48,7 +49,8 @@ def transfer_study(root: Path, shapes_root: Path) -> Path:
         "report": str(root / "report"),
         "transfer": {"pairs": [["p_t/seed0", "p_t/seed1"], ["p_t/seed0", "ri_t/seed0"]], "lambdas": [0, 0.5, 1],
                      "criticality": ["p_t/seed0"], "alphas": [0, 0.5, 1], "sigmas": [0.05, 0.2], "draws": 2,
-                     "images": 128, "bn_images": 128, "batch_size": 64},
+                     "images": 128, "bn_images": 128, "batch_size": 64,
+                     "representations": [["p_t/seed0", "pretrain/seed0"], ["p_t/seed0", "p_t/seed1"], ["p_t/seed0", "ri_t/seed0"]]},
     }
     path = root / "study.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -65,6 +67,7 @@ def fine_tuned(tmp_path_factory, shapes_root):
     folders = {run.name: run_state(run).folder for run in study.runs}
     pretrained = folders["pretrain/seed0"] / "checkpoints" / "last.ckpt"
     return pretrained, {"p_t": folders["p_t/seed0"], "p_t_seed1": folders["p_t/seed1"], "ri_t": folders["ri_t/seed0"],
+                        "pretrain": folders["pretrain/seed0"],
                         "study": study.path, "grid": {(i, s): folders[f"p_t_grid_lr{i}_wd0/seed{s}"] for i in (0, 1) for s in (0, 1)}}
 
 
@@ -215,6 +218,15 @@ def test_the_study_analyses_its_fine_tuning_and_reports_it(fine_tuned):
     assert [row["epoch"] for row in found["checkpoint_probes"]["pretrain/seed0"]] == [0, 1]
     assert "### Which pre-training checkpoint transfers best" in text and "pretrain/seed0: texture linear probe" in text
     assert (report / "figure_transfer_checkpoint_epoch.png").stat().st_size > 10_000
+    # The talk's tables: CKA by stage and distance for every pair, errors for those with the target's head.
+    rows = found["representations"]["pairs"]
+    assert [(r["a"], r["b"]) for r in rows] == [("p_t/seed0", "pretrain/seed0"), ("p_t/seed0", "p_t/seed1"), ("p_t/seed0", "ri_t/seed0")]
+    assert found["representations"]["layers"] == ["stem", "layer1.0", "layer2.0", "layer3.0", "layer4.0", "penultimate"]
+    assert rows[0]["errors"] is None and rows[0]["left_out"] == ["head.weight", "head.bias"] and rows[1]["left_out"] == []
+    assert found["representations"]["images"]["val"]["images"] == 128
+    assert "| p_t/seed0 – pretrain/seed0 | P-T & P |" in text and "| stem | layer1.0 |" in text
+    assert "| all | stem | layer1.0 |" in text and "| head.weight, head.bias |" in text
+    assert "| p_t/seed0 – ri_t/seed0 | P-T & RI-T |" in text and "a alone (%)" in text
 
 
 def test_the_initial_weights_are_probed_as_their_kept_checkpoint_is(fine_tuned, tmp_path):
@@ -272,3 +284,104 @@ def test_a_target_is_scored_in_its_measure_and_one_without_a_measure_is_refused(
     with pytest.raises(PretrainingError, match=r"No accuracy measure is known for the fine-tuning target .*texture_test\.beton.*"
                                                r"--data\.init_args\.measure=top1"):
         fit(target(tmp_path / "unknown", None))
+
+
+def by_hand(network, backbone_input):
+    """The stem's output, each block's and the pooled penultimate features of a timm ResNet, run by hand."""
+    backbone = network.backbone
+    x = backbone.maxpool(backbone.act1(backbone.bn1(backbone.conv1(backbone_input))))
+    out = {"stem": x.clone()}
+    for name, block in network.blocks().items():
+        x = block(x)
+        out[name] = x.clone()
+    out["penultimate"] = backbone.forward_head(x)
+    return out
+
+
+def test_representations_match_cka_distance_and_errors_computed_by_hand(fine_tuned):
+    """The talk's tables for P-T & P (heads of 6 and 60 classes) and RI-T & P-T (a the second of compare()'s order):
+    per-stage CKA as measurements.cka's sums of unbiased HSIC over the same batches of the same test images, the
+    distance over the shared parameters, and who is right from the networks' own predictions."""
+    _, folders = fine_tuned
+    named = {"p_t/seed0": folders["p_t"], "pretrain/seed0": folders["pretrain"], "ri_t/seed0": folders["ri_t"]}
+    found = representations([("p_t/seed0", "pretrain/seed0"), ("ri_t/seed0", "p_t/seed0")], named, images=96, batch_size=48)
+    pt_p, rit_pt = found["pairs"]
+    networks = {n: load_network(n, str(f)).module for n, f in named.items()}
+    data = data_module_of(folders["p_t"])  # the target's: the first pair's first run
+    data.setup("validate")
+    data.batch_size_per_process = 48
+    order = pass_images(data.labels("val"), 96, 0)[0]
+    hsic = {k: np.zeros(6) for k in ("ab", "aa", "bb")}
+    predictions, labels = {n: [] for n in networks}, []
+    with torch.no_grad():
+        for start in (0, 48):
+            [batch] = list(data.evaluation_dataloader("val", order[start:start + 48], local=True))
+            images, y = data.on_after_batch_transfer(batch, 0)
+            a, b = (by_hand(networks[n].eval_network, images) for n in ("p_t/seed0", "pretrain/seed0"))
+            for i, layer in enumerate(found["layers"]):
+                K, L = gram(a[layer]), gram(b[layer])
+                hsic["ab"][i] += float(unbiased_hsic(K, L))
+                hsic["aa"][i] += float(unbiased_hsic(K, K))
+                hsic["bb"][i] += float(unbiased_hsic(L, L))
+            for n, module in networks.items():
+                predictions[n].append(module(images).argmax(1))
+            labels.append(y)
+    assert found["layers"] == ["stem", *networks["p_t/seed0"].eval_network.blocks(), "penultimate"]
+    expected = hsic["ab"] / np.sqrt(hsic["aa"] * hsic["bb"])
+    np.testing.assert_allclose([pt_p["cka"][layer] for layer in found["layers"]], expected, rtol=0, atol=1e-6)
+    assert expected[0] > 0.5 and expected[0] != pytest.approx(expected[-1], abs=1e-3)  # a real, layer-dependent number
+
+    # Distance: the 6-class and the 60-class heads differ in shape, so only what both have counts.
+    theta = {n: dict(networks[n].eval_network.named_parameters()) for n in ("p_t/seed0", "pretrain/seed0")}
+    shared = [k for k, v in theta["p_t/seed0"].items() if v.shape == theta["pretrain/seed0"][k].shape]
+    assert set(theta["p_t/seed0"]) - set(shared) == {"head.weight", "head.bias"}
+    squares = {k: float((theta["p_t/seed0"][k].double() - theta["pretrain/seed0"][k].double()).pow(2).sum()) for k in shared}
+    assert pt_p["distance"]["all"] == pytest.approx(np.sqrt(sum(squares.values())), rel=1e-12)
+    blocks = list(networks["p_t/seed0"].eval_network.blocks())
+    for module, value in pt_p["distance"].items():
+        if module == "all":
+            continue
+        names = ([k for k in shared if k.startswith(f"backbone.{module}.")] if module in blocks else
+                 [k for k in shared if not any(k.startswith(f"backbone.{b}.") for b in blocks)])
+        assert value == pytest.approx(np.sqrt(sum(squares[k] for k in names)), rel=1e-12), module
+    assert "head" not in pt_p["distance"] and pt_p["left_out"] == ["head.weight", "head.bias"] and pt_p["errors"] is None
+    assert shared_distance(str(folders["p_t"]), str(folders["pretrain"])) == {k: pt_p[k] for k in ("distance", "left_out")}
+
+    # Errors of RI-T (a) and P-T (b), from their predictions on the same images.
+    y = torch.cat(labels).numpy()
+    right_a, right_b = (torch.cat(predictions[n]).numpy() == y for n in ("ri_t/seed0", "p_t/seed0"))
+    e = rit_pt["errors"]
+    split = {"both_right": right_a & right_b, "a_right_alone": right_a & ~right_b, "b_right_alone": ~right_a & right_b,
+             "both_wrong": ~right_a & ~right_b}
+    for key, hits in split.items():
+        assert e[key] == pytest.approx(hits.mean(), abs=1e-12), key
+    assert sum(e[key] for key in split) == pytest.approx(1.0, abs=1e-12)
+    assert e["agreement"] == pytest.approx(np.mean(torch.cat(predictions["ri_t/seed0"]).numpy()
+                                                   == torch.cat(predictions["p_t/seed0"]).numpy()), abs=1e-12)
+    assert (e["a"], e["b"]) == ("ri_t/seed0", "p_t/seed0")
+    assert found["images"]["val"] == {**found["images"]["val"], "images": 96, "classes": 6}
+
+
+def test_cka_between_heads_needs_one_backbone_and_predictions_one_head(fine_tuned):
+    _, folders = fine_tuned
+    p_t, p = load_network("p_t/seed0", str(folders["p_t"])), load_network("pretrain/seed0", str(folders["pretrain"]))
+    check_comparable([p_t, p], classes=False)  # 6 and 60 classes, one backbone: CKA and shared distance
+    with pytest.raises(ComparisonError, match=r"p_t/seed0 .*6 classes\) and pretrain/seed0 .*60 classes\) differ in "
+                                              r"architecture or classes"):
+        check_comparable([p_t, p])
+    other = Loaded("other", ObjectiveClassifier(num_classes=6, backbone="resnet10t", backbone_source="timm"), Path("x.ckpt"), False)
+    with pytest.raises(ComparisonError, match=r"p_t/seed0 .*test_resnet.* and other .*resnet10t.* differ in backbone"):
+        check_comparable([p_t, other], classes=False)
+
+
+def test_representation_pairs_are_checked_when_the_study_loads(tmp_path):
+    path = transfer_study(tmp_path, tmp_path / "shapes")
+    spec = yaml.safe_load(path.read_text())
+    assert Study.load(path).transfer.representations[0] == ("p_t/seed0", "pretrain/seed0")
+    for pairs, message in (([["p_t/seed0", "ri_t/seed7"]], r"'ri_t/seed7' is not one of the study's runs"),
+                           ([["p_t/seed0"]], r"a representations pair names two runs"),
+                           ([["p_t/seed0", "ri_t/seed0@untrained"]], r"compare trained runs")):
+        spec["transfer"]["representations"] = pairs
+        path.write_text(yaml.safe_dump(spec))
+        with pytest.raises(StudyError, match=message):
+            Study.load(path)
