@@ -331,7 +331,7 @@ def test_representations_match_cka_distance_and_errors_computed_by_hand(fine_tun
     np.testing.assert_allclose([pt_p["cka"][layer] for layer in found["layers"]], expected, rtol=0, atol=1e-6)
     assert expected[0] > 0.5 and expected[0] != pytest.approx(expected[-1], abs=1e-3)  # a real, layer-dependent number
 
-    # Distance: the 6-class and the 60-class heads differ in shape, so only what both have counts.
+    # Distance: the 10-class and the 60-class heads differ in shape, so only what both have counts.
     theta = {n: dict(networks[n].eval_network.named_parameters()) for n in ("p_t/seed0", "pretrain/seed0")}
     shared = [k for k, v in theta["p_t/seed0"].items() if v.shape == theta["pretrain/seed0"][k].shape]
     assert set(theta["p_t/seed0"]) - set(shared) == {"head.weight", "head.bias"}
@@ -359,7 +359,7 @@ def test_representations_match_cka_distance_and_errors_computed_by_hand(fine_tun
     assert e["agreement"] == pytest.approx(np.mean(torch.cat(predictions["ri_t/seed0"]).numpy()
                                                    == torch.cat(predictions["p_t/seed0"]).numpy()), abs=1e-12)
     assert (e["a"], e["b"]) == ("ri_t/seed0", "p_t/seed0")
-    assert found["images"]["val"] == {**found["images"]["val"], "images": 96, "classes": 6}
+    assert found["images"]["val"] == {**found["images"]["val"], "images": 96, "classes": 10}  # the sketch task's
 
 
 def test_cka_between_heads_needs_one_backbone_and_predictions_one_head(fine_tuned):
