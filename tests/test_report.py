@@ -166,7 +166,7 @@ def test_the_talks_findings_compare_p_t_and_ri_t_within_each_target_and_shufflin
             run("p_t_block4", "P-T", "sketch", 0.45, block=4), run("ri_t_block4", "RI-T", "sketch", 0.48, block=4)]
     groups = _groups(runs)
     assert main_arms(groups) == {"sketch": {"P-T": "p_t", "RI-T": "ri_t"}, "texture": {"P-T": "p_t_texture", "RI-T": "ri_t_texture"}}
-    text = "\n".join(findings(groups, {n: _summary(g) for n, g in groups.items()}, {"barriers": [], "criticality": []}))
+    text = "\n".join(findings(groups, {n: _summary(g) for n, g in groups.items()}, {"runs": runs, "barriers": [], "criticality": []}))
     assert "On sketch, P-T trains better than RI-T (90.0 % vs 60.0 %" in text
     assert "On texture, P-T trains no better than RI-T (50.0 % vs 80.0 %" in text
     assert "-3.0 points at 4 px blocks (sketch)" in text
