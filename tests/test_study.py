@@ -119,11 +119,15 @@ def test_runs_come_in_stages_after_the_runs_they_start_from(tmp_path, monkeypatc
     ordered = [[s.run.name for s in stage] for stage in stages(study, [run_state(r) for r in study.runs])]
     # P-T and RI-T get the same grid: RI-T's grid needs nothing, its refit waits for it; P-T's waits for pre-training.
     grid = [f"grid_lr{i}_wd0/seed{s}" for i in (0, 1) for s in (0, 1)]
-    assert ordered[0] == ["pretrain/seed0", *(f"ri_t_{g}" for g in grid), "ri_t_block1/seed0", "ri_t_block4/seed0",
-                          "ri_t_block8/seed0"]
-    assert ordered[1][:6] == [*(f"p_t_{g}" for g in grid), "ri_t/seed0", "ri_t/seed1"]
-    assert {n.split("/")[0] for n in ordered[1][6:]} == {f"p_t_epoch{e}" for e in range(4)} | {f"p_t_block{b}" for b in (1, 4, 8)}
-    assert ordered[2] == ["p_t/seed0", "p_t/seed1"]
+    # The texture contrast arms the same, from one seed.
+    texture = [f"grid_lr{i}_wd0/seed0" for i in (0, 1)]
+    assert ordered[0] == ["pretrain/seed0", *(f"ri_t_{g}" for g in grid), *(f"ri_t_texture_{g}" for g in texture),
+                          "ri_t_block1/seed0", "ri_t_block4/seed0", "ri_t_block8/seed0"]
+    assert ordered[1][:9] == [*(f"p_t_{g}" for g in grid), "ri_t/seed0", "ri_t/seed1",
+                              *(f"p_t_texture_{g}" for g in texture), "ri_t_texture/seed0"]
+    assert {n.split("/")[0] for n in ordered[1][9:]} == ({f"p_t_epoch{e}" for e in (0, 3, 6, 9)}
+                                                         | {f"p_t_block{b}" for b in (1, 4, 8)})
+    assert ordered[2] == ["p_t/seed0", "p_t/seed1", "p_t_texture/seed0"]
     spec = yaml.safe_load(Path("configs/studies/transfer.yaml").read_text())
     spec["experiments"] = spec["experiments"][2:3]  # ri_t alone, fine-tuning from a checkpoint nothing trains
     del spec["transfer"], spec["experiments"][0]["grid"]
