@@ -266,9 +266,15 @@ def test_measurements_do_not_depend_on_the_number_of_processes(tmp_path, shapes_
     one, two = (json.loads((tmp_path / n / "softmax" / "seed0" / "measurements.json").read_text())["evaluations"][0]["measurements"]
                 for n in ("one", "two"))
     assert set(one) == set(two)
-    for tag in ("probe/texture/linear_l2", "probe/texture/knn_k"):
+    for tag in ("probe/texture/linear_l2", "probe/texture/knn_k", "probe/sketch/linear_l2", "probe/sketch/knn_k"):
         assert one[tag] == two[tag], tag
-    for tag in ("probe/texture/linear_acc", "probe/texture/knn_acc", "calibration/val_split/ece",
+    # The probes' accuracy to one test image of 128: two processes evaluate the features in other batch shapes, which
+    # can change their last float bits (the kernels are chosen by shape), and on the untrained network's features an
+    # image on the decision boundary then goes either way (seen once on design 3's texture images: 0.398 vs 0.391).
+    for task in ("texture", "size", "new_shapes", "sketch"):
+        for kind in ("linear", "knn"):
+            assert one[f"probe/{task}/{kind}_acc"] == pytest.approx(two[f"probe/{task}/{kind}_acc"], abs=1.01 / 128), task
+    for tag in ("calibration/val_split/ece",
                 "calibration/val_split/ece_tempscaled", "calibration/val_split/temperature", "class_separation/val/penultimate",
                 "class_separation/train/layer2.0", "neural_collapse/within_over_between"):
         assert one[tag] == pytest.approx(two[tag], abs=1e-5), tag
