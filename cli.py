@@ -6,6 +6,7 @@ argument is a knob (``python cli.py fit --help``) that the command line can over
 """
 
 import logging
+import signal
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -152,5 +153,18 @@ def end_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def script() -> None:
+    """``python cli.py ...``: ``main``, and after a preemption checkpoint an exit with its own status. The first
+    rank to exit with 75 makes ``srun --kill-on-bad-exit`` send SIGTERM to the others; Python's shutdown puts
+    the default handler back (death, status 143, which the batch script reads as a failure) but leaves an
+    ignored signal ignored."""
+    try:
+        main()
+    except Preempted:
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, signal.SIG_IGN)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    script()

@@ -127,7 +127,8 @@ class Preemption(Callback):
         path = self.checkpoint_path(trainer)
         self._stopping = True
         trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes, then all meet at a barrier
-        requeued = self.requeue and _requeue(trainer)
+        # Rank 0's answer for every rank: srun reports the highest exit status of the job step's tasks.
+        requeued = trainer.strategy.broadcast(self.requeue and _requeue(trainer), src=0)
         rank_zero_info(
             f"Preempted at step {trainer.global_step}: saved {path}. "
             + ("Requeued; the next run resumes from it." if requeued else "Resume with `--ckpt_path=last`.")
@@ -152,11 +153,10 @@ def _slurm_job() -> Optional[str]:
 
 
 def _requeue(trainer: L.Trainer) -> bool:
-    """Whether this job is requeued: rank 0 asks SLURM to; the other ranks assume it succeeds (they only
-    choose their exit status by it, and SLURM ends them either way)."""
+    """Whether rank 0 requeued this job (``scontrol requeue``); the other ranks do nothing."""
     job = _slurm_job()
     if job is None or not trainer.is_global_zero:
-        return job is not None
+        return False
     try:
         result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     except OSError as err:  # no scontrol here, e.g. inside a container

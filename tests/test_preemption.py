@@ -1,6 +1,8 @@
 """Preemption in one process: SIGUSR1 mid-epoch -> last.ckpt between two steps -> resume exactly."""
 
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch
 import cli
 from callbacks.preemption import NOT_REQUEUED_EXIT_CODE, Preempted, Preemption
 
+from .conftest import REPO
 from .helpers import SignalAt, scalars
 from .test_training import NO_MEASUREMENTS, assert_same_end, fit
 
@@ -78,3 +81,17 @@ def test_bad_arguments_are_named():
         Preemption(signals=("SIGUSR1", "SIGNOPE"))
     with pytest.raises(ValueError, match="check_every_n_steps"):
         Preemption(check_every_n_steps=0)
+
+
+def test_a_preempted_process_keeps_its_exit_status_when_srun_terminates_it_on_the_way_out():
+    """The first rank to exit with 75 makes ``srun --kill-on-bad-exit`` SIGTERM the others; one still shutting
+    down must exit with 75 too, not die of the signal (143, which the batch script reads as a failure)."""
+    exiting = (
+        "import atexit, os, signal, sys; sys.path.insert(0, '.'); import cli\n"
+        "def preempted(): raise cli.Preempted(75)\n"
+        "cli.main = preempted\n"
+        "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))  # srun's, during shutdown\n"
+        "cli.script()\n"
+    )
+    ended = subprocess.run([sys.executable, "-c", exiting], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert ended.returncode == NOT_REQUEUED_EXIT_CODE, ended.stderr
