@@ -64,6 +64,7 @@ class TransferProbes(MeasurementCallback):
         datasets: name -> its train and test data, e.g. ``{cifar10: {train: .../cifar10_train.beton,
             test: .../cifar10_test.beton}}``; by default the tasks that come with the data module
             (the embedded data set's transfer tasks).
+        tasks: of the data module's tasks, only these (e.g. ``[sketch, texture]``: the fine-tuning targets).
         every_n_epochs: probe after every this many training epochs (and at the end of fit).
         at_start: also probe the initial weights (step 0), e.g. for "which checkpoint transfers best".
         linear: run the linear probe (45 strengths, appendix A.2).
@@ -77,6 +78,7 @@ class TransferProbes(MeasurementCallback):
     def __init__(
         self,
         datasets: Optional[dict[str, TransferData]] = None,
+        tasks: Optional[list[str]] = None,
         every_n_epochs: int = 1,
         linear: bool = True,
         knn: bool = True,
@@ -89,6 +91,9 @@ class TransferProbes(MeasurementCallback):
             raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio} (appendix A.2: 1.0).")
         self.crop_ratio = crop_ratio
         self.datasets = {name: d if isinstance(d, TransferData) else TransferData(**d) for name, d in (datasets or {}).items()}
+        if tasks is not None and (datasets or not tasks):
+            raise ValueError(f"tasks {tasks} chooses among the data module's tasks: give it without datasets, and at least one.")
+        self.tasks = tasks
         self.linear = linear
         self.knn = knn
         if linear_max_iter < 1:
@@ -96,7 +101,14 @@ class TransferProbes(MeasurementCallback):
         self.linear_max_iter = linear_max_iter
 
     def _datasets(self, trainer: L.Trainer) -> dict[str, TransferData]:
-        datasets = self.datasets or {n: TransferData(*paths) for n, paths in trainer.datamodule.transfer_paths().items()}
+        if self.datasets:
+            return self.datasets
+        offered = trainer.datamodule.transfer_paths()
+        unknown = sorted(set(self.tasks or ()) - set(offered))
+        if unknown:
+            raise ValueError(f"TransferProbes: no task {unknown} in {type(trainer.datamodule).__name__}, whose tasks are "
+                             f"{sorted(offered)}.")
+        datasets = {n: TransferData(*paths) for n, paths in offered.items() if self.tasks is None or n in self.tasks}
         if not datasets:
             raise ValueError(
                 f"TransferProbes has no data set: {type(trainer.datamodule).__name__} comes with none, so name them: "

@@ -314,7 +314,7 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
     def __init__(
         self,
         root: str = "data/shapes",
-        num_train: int = 20000,
+        num_train: int = 8000,
         num_val: int = 2000,
         num_transfer_train: int = 2000,
         num_transfer_test: int = 2000,
@@ -381,7 +381,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description="Generate the embedded shapes data set as FFCV .beton files.")
     parser.add_argument("--root", default="data/shapes")
-    parser.add_argument("--num-train", type=int, default=20000)
+    parser.add_argument("--num-train", type=int, default=8000)
     parser.add_argument("--num-val", type=int, default=2000)
     parser.add_argument("--num-transfer", type=int, default=2000, help="images per transfer split")
     parser.add_argument("--num-sketch-train", type=int, default=500)

@@ -82,7 +82,7 @@ class CKAPlan:
 class GridPlan:
     """Appendix A.3's choice of fine-tuning hyper-parameters: every (lr, decay) point trained on the target's
     training images less a held-out ``validation_split``, once per seed of the experiment (A.3: from each of the
-    3 pre-trained networks); the point of best held-out accuracy averaged over the seeds chosen; then the
+    3 pre-trained networks), or of ``seeds``; the point of best held-out accuracy averaged over them; then the
     experiment itself refit with it on all of the training images and tested. ``lr_times_weight_decay`` is A.3's
     grid variable (``model.lr_times_weight_decay``: the decay is value / the run's actual peak lr; None: no decay)."""
 
@@ -90,6 +90,7 @@ class GridPlan:
     lr_times_weight_decay: tuple[Optional[float], ...] = (None,)
     validation_split: float = 0.2
     points: tuple[tuple[str, float, float], ...] = ()  # (grid experiment, lr_per_256, lr_times_weight_decay)
+    seeds: Optional[tuple[int, ...]] = None  # the seeds every point trains with; None: the experiment's
 
 
 @dataclass(frozen=True)
@@ -170,12 +171,12 @@ class Study:
                     if not config.is_file():
                         raise StudyError(f"{path}: experiment config {config} does not exist.")
                     grid = _grid(path, name, config, entry["grid"], variants[name])
-                    for point, lr, decay in grid.points:  # the grid's runs come first, with the experiment's seeds
+                    for point, lr, decay in grid.points:  # the grid's runs come first, with its or the experiment's seeds
                         experiments[point] = config
                         variants[point] = (*variants[name], f"--model.lr_per_256={lr}", f"--model.lr_times_weight_decay={decay}",
                                            f"--data.init_args.validation_split={grid.validation_split}",
                                            f"--trainer.default_root_dir={_root(config, variants[name])}/{name}_grid/{point[len(name) + 6:]}")
-                        own_seeds[point] = own_seeds.get(name) or tuple(spec.get("seeds", [0]))
+                        own_seeds[point] = grid.seeds or own_seeds.get(name) or tuple(spec.get("seeds", [0]))
                     grids[name] = grid
             else:
                 config = Path(entry)
@@ -279,10 +280,10 @@ def _root(config: Path, overrides: tuple[str, ...]) -> str:
 
 
 def _grid(path: Path, name: str, config: Path, grid: dict, overrides: tuple[str, ...]) -> GridPlan:
-    known = {"lr_per_256", "lr_times_weight_decay", "validation_split"}
+    known = {"lr_per_256", "lr_times_weight_decay", "validation_split", "seeds"}
     if set(grid) - known or not grid.get("lr_per_256"):
-        raise StudyError(f"{path}: {name}'s grid has lr_per_256 (a non-empty list), lr_times_weight_decay (values or null) "
-                         f"and validation_split; got {sorted(grid)}.")
+        raise StudyError(f"{path}: {name}'s grid has lr_per_256 (a non-empty list), lr_times_weight_decay (values or null), "
+                         f"validation_split and seeds; got {sorted(grid)}.")
     lrs, decays = tuple(grid["lr_per_256"]), tuple(grid.get("lr_times_weight_decay") or (None,))
     number = (int, float)
     if any(not isinstance(v, number) for v in lrs) or any(d is not None and not isinstance(d, number) for d in decays):
@@ -292,7 +293,8 @@ def _grid(path: Path, name: str, config: Path, grid: dict, overrides: tuple[str,
         raise StudyError(f"{path}: {name}'s grid needs positive learning rates and non-negative decays, got {lrs}, {decays}.")
     points = tuple((f"{name}_grid_lr{i}_wd{j}", lr, 0.0 if d is None else float(d))
                    for i, lr in enumerate(lrs) for j, d in enumerate(decays))
-    return GridPlan(lrs, decays, float(grid.get("validation_split", 0.2)), points)
+    seeds = tuple(_check_seeds(path, grid["seeds"])) if "seeds" in grid else None
+    return GridPlan(lrs, decays, float(grid.get("validation_split", 0.2)), points, seeds)
 
 
 def _check_seeds(path: Path, seeds) -> list[int]:

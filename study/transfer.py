@@ -92,15 +92,46 @@ class LossSums(Metric):
 
 
 class Logits(nn.Module):
-    """A classifier's logits from images, as its objective forms them: one module to call ``functional_call`` on."""
+    """A classifier's logits from images, as its objective forms them: one module to call ``functional_call`` on.
+
+    ``forward(x, start=k)`` runs from block k on, ``x`` being what enters it (``entering``); ``start=len(blocks)``
+    only the pooling and the head. That holds for backbones whose blocks form a chain, each block's input the
+    previous block's output and the features ``forward_head`` of the last one's (ResNets in timm); ``chained`` tells."""
 
     def __init__(self, loaded: Loaded, network: Optional[nn.Module] = None):
         super().__init__()
         self.classifier = [loaded.module]  # a list: the objective's hyper-parameters, not a submodule to copy
         self.net = network if network is not None else loaded.module.eval_network
+        self.blocks = [[block] for block in self.net.blocks().values()]  # lists: the same modules, not copies
 
-    def forward(self, images: Tensor) -> Tensor:
-        return self.classifier[0].logits(self.net(images), self.net)
+    def forward(self, x: Tensor, start: Optional[int] = None) -> Tensor:
+        if start is None:
+            features = self.net(x)
+        else:
+            for (block,) in self.blocks[start:]:
+                x = block(x)
+            features = self.net.backbone.forward_head(x, pre_logits=True)
+        return self.classifier[0].logits(features, self.net)
+
+    def entering(self, images: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The logits of ``images`` and what enters each block, then what leaves the last one."""
+        inputs: list[Tensor] = []
+        hooks = [block.register_forward_pre_hook(lambda _, args: inputs.append(args[0])) for (block,) in self.blocks]
+        hooks.append(self.blocks[-1][0].register_forward_hook(lambda _, args, output: inputs.append(output)))
+        try:
+            logits = self(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return logits, inputs
+
+    def chained(self, images: Tensor) -> bool:
+        """Whether running from the blocks' inputs gives the whole network's logits bit for bit, on ``images``."""
+        if not hasattr(self.net.backbone, "forward_head"):
+            return False
+        logits, inputs = self.entering(images)
+        return len(inputs) == len(self.blocks) + 1 and all(
+            torch.equal(self(x, start=k), logits) for k, x in enumerate(inputs))
 
 
 class PerImage(Metric):
@@ -199,7 +230,7 @@ class Criticality(L.LightningModule):
     """Module criticality of a network against its initial weights (module docstring).
 
     Args:
-        network: maps images to logits; its parameters are the final weights theta^F.
+        network: maps images to logits (``Logits``, or any module); its parameters are the final weights theta^F.
         initial: theta^0, the state dict of ``network`` where training started (P-T: the pre-trained backbone
             and the new head's initialisation; RI-T: the random initialisation).
         parts: module name -> its parameter names in ``network``.
@@ -212,14 +243,26 @@ class Criticality(L.LightningModule):
             definition); "loss": the mean train loss is at most (1 + epsilon) x the final network's (the one public
             implementation's).
         seed: seed of the noise; a point's draws are a function of (seed, module, alpha, sigma, draw).
+        cache: where the blocks form a chain (``Logits.chained``), run a network perturbed from block k on only
+            from there, on what enters block k at the final weights (computed once per batch): the same numbers,
+            bit for bit, in about half the time (benchmarks/criticality_speed.py).
     """
 
     def __init__(self, network: nn.Module, initial: dict[str, Tensor], parts: dict[str, list[str]],
                  alphas: Sequence[float], sigmas: Sequence[float], num_classes: int, measure: str = "top1",
-                 draws: int = 10, epsilon: float = 0.01, admissible: Admissible = "error", seed: int = 0):
+                 draws: int = 10, epsilon: float = 0.01, admissible: Admissible = "error", seed: int = 0,
+                 cache: bool = True):
         super().__init__()
         check_grid(alphas, sigmas, draws, admissible)
         self.network = network.eval()
+        chainable = cache and isinstance(network, Logits)
+        self.cache: Optional[bool] = None if chainable else False  # None: to be checked on the first batch
+        # Where a network perturbed in each module starts: the first block it has parameters in (len(blocks): the
+        # head); None, the images, where any of them comes before the blocks (the stem).
+        prefixes = [f"net.backbone.{name}." for name in network.net.blocks()] + ["net.head."] if chainable else []
+        firsts = {part: [next((k for k, p in enumerate(prefixes) if n.startswith(p)), None) for n in names]
+                  for part, names in parts.items()}
+        self.start = {part: None if None in found else min(found) for part, found in firsts.items()}
         self.initial = {k: v.detach().clone() for k, v in initial.items()}
         self.parts, self.alphas, self.sigmas = parts, [float(a) for a in alphas], [float(s) for s in sigmas]
         self.draws, self.epsilon, self.admissible, self.seed = draws, epsilon, admissible, seed
@@ -251,10 +294,20 @@ class Criticality(L.LightningModule):
     @torch.no_grad()
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
+        if self.cache is None:
+            self.cache = self.network.chained(images)
+        final, entering = self.network.entering(images) if self.cache else (self.network(images), [])
         for index, point in enumerate(self.points):
             if dataloader_idx == 1 and point[3] is not None:
                 continue  # the test split is for the final and rewound networks only
-            logits = torch.func.functional_call(self.network, self.overrides(point, images.device), (images,))
+            start = self.start[point[0]] if self.cache and index else None
+            if index == 0:
+                logits = final
+            elif start is None:
+                logits = torch.func.functional_call(self.network, self.overrides(point, images.device), (images,))
+            else:
+                logits = torch.func.functional_call(self.network, self.overrides(point, images.device), (entering[start],),
+                                                    {"start": start})
             self.sums.update(dataloader_idx, index, logits, labels)
 
     def on_validation_epoch_end(self) -> None:
@@ -360,7 +413,8 @@ def shared_distance(a: str, b: str) -> dict:
 
 def criticality(final: str, initial: str, alphas: Sequence[float], sigmas: Sequence[float], draws: int = 10,
                 epsilon: float = 0.01, admissible: Admissible = "error", modules: Modules = "layers", seed: int = 0,
-                data=None, images: int = 1000, batch_size: int = 250, trainer: Optional[L.Trainer] = None) -> dict:
+                data=None, images: int = 1000, batch_size: int = 250, trainer: Optional[L.Trainer] = None,
+                cache: bool = True) -> dict:
     """Module criticality of the checkpoint ``final`` against ``initial`` (the same run's starting weights, e.g.
     ``checkpoints/epoch000.ckpt``) on ``images`` training (and, for rewinding, test) images drawn class-balanced
     from ``seed``; ``modules``: each convolution or linear layer with its batch norm (``Network.layers``, the
@@ -376,7 +430,7 @@ def criticality(final: str, initial: str, alphas: Sequence[float], sigmas: Seque
     initial_state = {f"net.{k}": v for k, v in loaded[1].module.eval_network.state_dict().items()}
     hp = loaded[0].module.hparams
     module = Criticality(logits, initial_state, parts, alphas, sigmas, hp.num_classes, hp.get("measure") or "top1", draws,
-                         epsilon, admissible, seed)
+                         epsilon, admissible, seed, cache)
     images_module = FixedImages(data, batch_size, images, ("train", "val"), seed=seed)
     (trainer or pass_trainer()).validate(module, datamodule=images_module, verbose=False)
     return {**module.results, "modules_by": modules, "final": final, "initial": initial, "images": images_module.record()}

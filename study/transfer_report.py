@@ -140,14 +140,19 @@ def _from_checkpoints(groups: dict) -> list[tuple[int, str]]:
     return [(epoch, name) for epoch, name, target in found if target == found[0][2]]
 
 
+def compared(groups: dict) -> dict:
+    """The experiments P-T and RI-T are compared by: RI-T, and P-T from the last pre-training checkpoint (not the
+    arms fine-tuned from earlier ones)."""
+    last = max((g[0]["pretraining_epoch"] or 0 for g in groups.values() if g[0]["kind"] == "P-T"), default=0)
+    return {n: g for n, g in groups.items() if g[0]["kind"] == "RI-T" or g[0]["pretraining_epoch"] == last}
+
+
 def main_arms(groups: dict) -> dict[str, dict[str, str]]:
     """target -> kind -> its un-shuffled experiment: P-T from the last pre-training checkpoint, RI-T."""
-    last = max((g[0]["pretraining_epoch"] or 0 for g in groups.values() if g[0]["kind"] == "P-T"), default=0)
     arms: dict[str, dict[str, str]] = {}
-    for name, group in groups.items():
-        first = group[0]
-        if not first["block_shuffle"] and (first["kind"] == "RI-T" or first["pretraining_epoch"] == last):
-            arms.setdefault(first["target"], {}).setdefault(first["kind"], name)
+    for name, group in compared(groups).items():
+        if not group[0]["block_shuffle"]:
+            arms.setdefault(group[0]["target"], {}).setdefault(group[0]["kind"], name)
     return arms
 
 
@@ -392,11 +397,10 @@ def findings(groups: dict, summaries: dict, transfer: dict) -> list[str]:
                          f"({100 * np.mean(pt['acc']):.1f} % vs {100 * np.mean(rit['acc']):.1f} % test accuracy) and "
                          f"{'faster' if faster else 'not faster'} ({np.mean([s for s in pt['speed'] if s is not None]):.0f} "
                          f"vs {np.mean([s for s in rit['speed'] if s is not None]):.0f} steps to {FRACTION:.0%} of final).")
-    last = max((g[0]["pretraining_epoch"] or 0 for g in groups.values() if g[0]["kind"] == "P-T"), default=0)
     shuffled = {}  # (target, block size) -> kind -> mean final accuracy (P-T from the last pre-training checkpoint)
-    for name, group in groups.items():
+    for name, group in compared(groups).items():
         first = group[0]
-        if first["block_shuffle"] and (first["kind"] == "RI-T" or first["pretraining_epoch"] == last):
+        if first["block_shuffle"]:
             shuffled.setdefault((first["target"], first["block_shuffle"]), {})[first["kind"]] = float(np.mean(summaries[name]["acc"]))
     gaps = [(t, b, 100 * (k["P-T"] - k["RI-T"])) for (t, b), k in sorted(shuffled.items()) if len(k) == 2]
     if gaps:
@@ -443,22 +447,26 @@ def findings(groups: dict, summaries: dict, transfer: dict) -> list[str]:
 # --- figures ---
 
 def figure_learning_curves(groups: dict, path: Path) -> Optional[Path]:
+    """Test accuracy and loss against the fine-tuning step of every un-shuffled arm, a row of panels per target."""
     plain = {n: g for n, g in groups.items() if not g[0]["block_shuffle"]}
     if not plain:
         return None
+    targets = list(dict.fromkeys(g[0]["target"] for g in plain.values()))
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(len(targets), 2, figsize=(10, 4 * len(targets)), squeeze=False)
     for name, group in plain.items():
+        row = axes[targets.index(group[0]["target"])]
         for r, run in enumerate(group):
-            for ax, tag in zip(axes, ("accuracy", "loss")):
+            for ax, tag in zip(row, ("accuracy", "loss")):
                 curve = run["curve"].get(tag, [])
                 if curve:
                     style = "-" if group[0]["kind"] == "P-T" else "--"
                     ax.plot([s for s, _ in curve], [v for _, v in curve], style, alpha=0.8,
                             label=f"{name} ({group[0]['kind']})" if r == 0 else None, color=f"C{list(plain).index(name)}")
-    axes[0].set(xlabel="fine-tuning step", ylabel="test accuracy", title="P-T (solid) and RI-T (dashed)")
-    axes[1].set(xlabel="fine-tuning step", ylabel="test loss")
-    axes[0].legend(fontsize=7)
+    for target, (accuracy, loss) in zip(targets, axes):
+        accuracy.set(xlabel="fine-tuning step", ylabel="test accuracy", title=f"{target}: P-T (solid) and RI-T (dashed)")
+        loss.set(xlabel="fine-tuning step", ylabel="test loss", title=target)
+        accuracy.legend(fontsize=7)
     return save_figure(fig, path)
 
 
@@ -468,15 +476,14 @@ def figure_block_shuffle(groups: dict, summaries: dict, path: Path) -> Optional[
     targets = {g[0]["target"] for g in groups.values() if g[0]["block_shuffle"]}
     if not targets:
         return None
-    groups = {n: g for n, g in groups.items() if g[0]["target"] in targets}  # un-shuffled points of the same target
+    groups = {n: g for n, g in compared(groups).items() if g[0]["target"] in targets}  # un-shuffled points of the same target
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for kind, style in (("P-T", "o-"), ("RI-T", "s--")):
         points = []
         for name, group in groups.items():
             first = group[0]
-            if first["kind"] != kind or (kind == "P-T" and first["pretraining_epoch"] != max(
-                    g[0]["pretraining_epoch"] or 0 for g in groups.values() if g[0]["kind"] == "P-T")):
+            if first["kind"] != kind:
                 continue
             block = first["block_shuffle"] or 32
             points.append((block, np.mean(summaries[name]["acc"]), np.mean([s for s in summaries[name]["speed"] if s is not None])))

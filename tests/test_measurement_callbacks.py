@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from callbacks import TransferData, TransferProbes
 from callbacks.representation import balanced_subset
+from datamodules import EmbeddedShapesDataModule
 from measurements import class_separation, knn_probe, linear_probe, relu_nonzero_fraction
 
 from .helpers import ffcv_datamodule, scalars, write_indexed_beton
@@ -77,7 +78,7 @@ def test_logged_numbers_are_those_of_the_ema_network(measured_run):
     train_x, train_y = ema_features(model, data, "train")  # penultimate R²: every training image
     assert len(train_y) == 1024
     assert last("class_separation/train/penultimate") == pytest.approx(class_separation(train_x, train_y), abs=1e-5)
-    subset = balanced_subset(data.labels("train"), 2000, seed=0)  # blocks: the quickstart's train_images
+    subset = balanced_subset(data.labels("train"), 1000, seed=0)  # blocks: the quickstart's train_images
     block = ema_block_output(model, data, subset, "layer2.0")
     assert last("class_separation/train/layer2.0") == pytest.approx(class_separation(block, train_y[subset]), abs=1e-5)
     val_x, val_y = ema_features(model, data, "val")
@@ -107,6 +108,18 @@ def test_transfer_probes_without_data_sets_say_how_to_name_them(tmp_path):
     data = ffcv_datamodule(write_indexed_beton(tmp_path / "d.beton", 8))
     with pytest.raises(ValueError, match="comes with none, so name them"):
         TransferProbes().measure(SimpleNamespace(datamodule=data), None)
+
+
+def test_transfer_probes_can_probe_some_of_the_data_modules_tasks(shapes_root):
+    data = SimpleNamespace(datamodule=EmbeddedShapesDataModule(str(shapes_root), task="sketch"))
+    assert set(TransferProbes()._datasets(data)) == {"texture", "size", "new_shapes"}  # every task but its own
+    chosen = TransferProbes(tasks=["size", "texture"])._datasets(data)
+    assert {n: (d.train, d.test) for n, d in chosen.items()} == {
+        n: paths for n, paths in data.datamodule.transfer_paths().items() if n in ("size", "texture")}
+    with pytest.raises(ValueError, match=r"no task \['sketch'\] .* whose tasks are \['new_shapes', 'size', 'texture'\]"):
+        TransferProbes(tasks=["sketch", "size"])._datasets(data)
+    with pytest.raises(ValueError, match="without datasets, and at least one"):
+        TransferProbes(tasks=[])
 
 
 def test_a_missing_transfer_file_stops_the_run_at_its_start(tmp_path):

@@ -89,6 +89,12 @@ def test_seed_in_an_override_is_the_runs_seed_and_a_grid_trains_every_seed(tmp_p
     with pytest.raises(StudyError, match=r"grid holds values that are not numbers.*write 1.0e-5"):
         Study.load(_with_experiment(study_file(tmp_path, [good]),
                                     f"- {{name: ft, config: {good}, grid: {{lr_per_256: [1e-5]}}}}\n"))
+    # A grid of its own seeds: chosen from pre-trained network 2 alone, then refit from each.
+    study = Study.load(_with_experiment(study_file(tmp_path, [good]), entry.replace("null, 1.0e-5]", "null], seeds: [2]")))
+    assert [r.name for r in study.runs if r.experiment.startswith("ft")] == [
+        "ft_grid_lr0_wd0/seed2", "ft_grid_lr1_wd0/seed2", "ft/seed0", "ft/seed2"]
+    with pytest.raises(StudyError, match=r"seeds must be distinct non-negative integers"):
+        Study.load(_with_experiment(study_file(tmp_path, [good]), entry.replace("null, 1.0e-5]", "null], seeds: [-1]")))
 
 
 def test_a_study_parses_each_run_as_cli_fit_would_with_one_parser(tmp_path, shapes_root):

@@ -87,7 +87,7 @@ def test_every_objective_trains_a_few_steps_with_finite_logs(tmp_path, shapes_ro
 def test_validation_evaluates_the_ema_weights(tmp_path, shapes_root):
     # decay 1.0 freezes the EMA at the initial weights, so EMA and live weights surely differ.
     run = fit(tmp_path, shapes_root, NO_MEASUREMENTS, "--model.ema_decay=1.0", "--model.ema_warmup=none", "--model.ema_reference_batch=64",
-              "--model.warmup_epochs=0", "--trainer.limit_train_batches=8")
+              "--model.warmup_epochs=0", "--model.lr_per_256=0.8", "--trainer.limit_train_batches=8")
     model, data = run.model, run.datamodule
     logged = run.trainer.validate(model, datamodule=data, verbose=False)[0]["val/loss"]
 

@@ -19,7 +19,7 @@ from measurements.cka import gram, unbiased_hsic
 from study.compare import ComparisonError, Loaded, check_comparable, data_module_of, load_network, pass_images
 from study.spec import Study, StudyError
 from study.sweep import grid_scores, run_state, selected
-from study.transfer import barrier, criticality, distance, representations, shared_distance
+from study.transfer import Logits, barrier, criticality, distance, representations, shared_distance
 
 from .helpers import scalars
 
@@ -139,6 +139,10 @@ def test_criticality_of_a_fine_tuned_network_against_its_start(fine_tuned):
         assert np.array(part["error_draws"]).shape == (3, 2, 2)
     assert 0 <= result["final_train_error"] <= 1
     assert result["bound"] == pytest.approx(result["final_train_error"] + 0.01)
+    # A network perturbed from block k on runs from what enters block k: the numbers of the whole network's run.
+    assert Logits(load_network("x", str(run))).chained(torch.randn(8, 3, 32, 32))
+    assert criticality(str(run), str(run / "checkpoints" / "epoch000.ckpt"), alphas=[0.0, 0.5, 1.0], sigmas=[0.05, 0.2],
+                       draws=2, images=128, batch_size=64, cache=False) == result
     blocks = criticality(str(run), str(run / "checkpoints" / "epoch000.ckpt"), alphas=[1.0], sigmas=[0.05], draws=1,
                          modules="blocks", images=128, batch_size=64)
     assert list(blocks["modules"]) == ["stem", "layer1.0", "layer2.0", "layer3.0", "layer4.0", "head"]
