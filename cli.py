@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from jsonargparse import lazy_instance
 
+import compat
 from callbacks import Preemption
 from callbacks.checkpoints import RunCheckpoints
 from callbacks.preemption import Preempted
@@ -36,10 +37,13 @@ class TransferStudyCLI(LightningCLI):
         parser.link_arguments("data.global_batch_size", "model.global_batch_size", apply_on="instantiate")
         parser.link_arguments("data.measure", "model.measure", apply_on="instantiate")  # Table A.2's, for fine-tuning
 
+    names_run = True
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         config.trainer.precision = default_precision(config.trainer.precision, config.trainer.accelerator)
-        name_run(config)  # <root>/<objective>/seed<k> unless the config names it (callbacks/run_config.py)
+        if self.names_run:
+            name_run(config)  # <root>/<objective>/seed<k> unless the config names it (callbacks/run_config.py)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -52,7 +56,9 @@ class TransferStudyCLI(LightningCLI):
 
 
 class _ParseOnly(TransferStudyCLI):
-    """Parses a command line as ``fit`` would and names its run, without building anything."""
+    """Parses a command line as ``fit`` would, without naming its run or building anything."""
+
+    names_run = False
 
     def instantiate_classes(self) -> None:
         pass
@@ -62,30 +68,31 @@ class _ParseOnly(TransferStudyCLI):
 
 
 def parse_only(args: list[str]) -> _ParseOnly:
-    """A new parser, ``args`` parsed by it as ``fit`` would parse them, its run named (``.config``)."""
+    """A new parser, ``args`` parsed by it as ``fit`` would parse them (``.config``; its run not yet named)."""
     return _ParseOnly(ObjectiveClassifier, ImageClassificationData, subclass_mode_data=True,
                       trainer_defaults=trainer_defaults(), args=args, run=False)
 
 
-def fit_config(args: list[str]):
-    """The config ``cli.py fit <args>`` would run (a jsonargparse Namespace), its run named, found without
-    building the model, the data or the trainer: the study's sweep reads it to skip finished runs. One parser
-    per process, built on the first call: building it costs twice what a parse does, and a study parses every
-    run (Table 2's A.3 grid: 15,768)."""
+def fit_config(args: list[str], named: bool = True):
+    """The config ``cli.py fit <args>`` would run (a jsonargparse Namespace), its run named (``named``; else its
+    folder left for ``name_run`` to fill in), found without building the model, the data or the trainer: the study
+    reads it to plan its runs. One parser per process, built on the first call: building it costs twice what a
+    parse does."""
     global _kept_parser
     seed_log = logging.getLogger("lightning.fabric.utilities.seed")  # "Seed set to k", once per parsed run
     level = seed_log.level
     seed_log.setLevel(logging.WARNING)
     try:
-        with warnings.catch_warnings():  # LightningCLI's warning that args came with a command line: the study's
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings():  # a study's command lines come as args by design
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
             if _kept_parser is None:
                 _kept_parser = parse_only(args)
             else:
-                _kept_parser.parse_arguments(_kept_parser.parser, args)  # then as LightningCLI.__init__ goes on
-                _kept_parser._set_seed()
-                _kept_parser.before_instantiate_classes()
-            return _kept_parser.config
+                compat.reparse(_kept_parser, args)
+            config = _kept_parser.config
+            if named:
+                name_run(config)
+            return config
     finally:
         seed_log.setLevel(level)
 

@@ -19,6 +19,8 @@ __all__ = [
     "install_ffcv_order",
     "set_ffcv_epoch",
     "ffcv_decode_primitives",
+    "reparse",
+    "attached_trainer",
 ]
 
 # The versions these accesses were read from and tested with (pyproject.toml pins the same ranges).
@@ -56,6 +58,21 @@ _check_lightning()
 
 
 # --- Lightning ---
+
+def attached_trainer(module):
+    """The Trainer ``module`` is attached to, None when it is not (``load_from_checkpoint`` calls its hooks without
+    one); the public ``trainer`` property raises instead."""
+    return module._trainer
+
+
+def reparse(cli, args: list[str]) -> None:
+    """Parse ``args`` with an existing LightningCLI's parser as its constructor would (parse, seed, then its
+    ``before_instantiate_classes``), so that many command lines share one parser: building one costs twice a parse.
+    Lightning 2.4-2.6 keep the seeding step private (``_set_seed``)."""
+    cli.parse_arguments(cli.parser, args)
+    cli._set_seed()
+    cli.before_instantiate_classes()
+
 
 
 def batches_done_this_epoch(trainer) -> int:

@@ -14,7 +14,7 @@ It prints the seconds of each, the speed-up and the largest |difference| of the 
 either is bounded by one batch: a Gram matrix is n×n float64 per layer, whatever the layer's width, and the
 states are A·B + A + B float64 sums; the activations themselves are the benchmark's input, not its cost.
 
-``--resnet50`` instead runs the product's comparison pass (``study.compare.Comparison``: forward hooks on the
+``--resnet50`` instead runs the product's comparison pass (``study.cka.Comparison``: forward hooks on the
 16 bottleneck blocks that reduce each output to its Gram matrix at once, and the pooled penultimate layer:
 17 layers) for two ResNet-50s (random weights, eval mode) over synthetic 224×224 images, and prints seconds
 per 1,000 images with and without CKA.
@@ -113,10 +113,11 @@ def compare(args, device: torch.device) -> None:
 
 
 def resnet50(args, device: torch.device) -> None:
-    """The product's own pass (``study.compare.Comparison``: hooks that reduce each block's output to its Gram
+    """The product's own pass (``study.cka.Comparison``: hooks that reduce each block's output to its Gram
     matrix, MinibatchCKA) for two ResNet-50s, against their plain forward passes."""
     from lightning_modules import ObjectiveClassifier
-    from study.compare import Comparison, Loaded
+    from study.cka import Comparison
+    from study.passes import Loaded
 
     nets = []
     for seed in (0, 1):

@@ -1,4 +1,4 @@
-"""Module criticality (``study.transfer.Criticality``): every perturbed network run whole, against run from the block
+"""Module criticality (``study.criticality.Criticality``): every perturbed network run whole, against run from the block
 its module is in, on what enters that block at the final weights (computed once per batch).
 
 Default: the transfer study's criticality (configs/studies/transfer.yaml, after ``make transfer-study``): its runs,
@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import time
 
+from study.criticality import criticality
+from study.runs import run_states
 from study.spec import Study
-from study.sweep import run_state
-from study.transfer import criticality
 
 
 def main() -> None:
@@ -29,7 +29,8 @@ def main() -> None:
     study = Study.load(args.study)
     plan = study.transfer
     names = [n for n in plan.criticality if not args.runs or n.split("/")[0] in args.runs]
-    folders = {name: run_state(study.run(name)).folder for name in names}
+    states = run_states(study)
+    folders = {name: states[name].folder for name in names}
     seconds = {False: 0.0, True: 0.0}
     results = {}
     for _ in range(args.repeats):

@@ -5,6 +5,6 @@ the pure functions of ``measurements``. Add them under ``trainer.callbacks`` in 
 from .measurement import MeasurementCallback
 from .preemption import Preemption
 from .representation import RepresentationMeasurements
-from .transfer import TransferData, TransferProbes
+from .probes import TransferData, TransferProbes
 
 __all__ = ["MeasurementCallback", "Preemption", "RepresentationMeasurements", "TransferData", "TransferProbes"]

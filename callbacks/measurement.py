@@ -38,6 +38,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_modules.classifier import PENULTIMATE
+
 from .run_config import fingerprint
 
 __all__ = ["DivergedWeights", "MeasurementCallback", "forward_pass", "gather_rows", "require_finite", "summary_path"]
@@ -213,7 +215,7 @@ def final_summary(name: str, trainer: L.Trainer, scalars: dict[str, float]) -> s
     lines = [f"{name} at step {trainer.global_step} (all of them in {summary_path(trainer)}):"]
     for tag, value in scalars.items():
         layer = tag.rsplit("/", 1)[-1]
-        if tag.startswith(("class_separation/", "relu_nonzero/")) and layer != "penultimate":
+        if tag.startswith(("class_separation/", "relu_nonzero/")) and layer != PENULTIMATE:
             continue
         lines.append(f"  {tag:<40} {value:.4g}")
     return "\n".join(lines)

@@ -20,7 +20,6 @@ Plus two TensorBoard figures: R² and the non-zero fraction by layer, as the pap
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Literal, Optional
 
 import lightning as L
@@ -28,13 +27,12 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
+from lightning_modules.classifier import PENULTIMATE
 from measurements import ClassSeparation, NeuralCollapseStats, NonzeroFraction, calibration_statistics, neural_collapse_statistics
 
 from .measurement import MeasurementCallback, forward_pass, gather_rows, require_finite
 
 __all__ = ["RepresentationMeasurements", "balanced_subset", "class_shard"]
-
-PENULTIMATE = "penultimate"
 
 
 def balanced_subset(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
@@ -217,14 +215,12 @@ def run_pass(module, data, loader, blocks: list[str], per_layer: list[PerLayer],
     network = module.eval_network
     batch_labels, kept_logits, kept_labels = torch.empty(0), [], []
 
-    def reducer(name: str):
-        def hook(_module, _inputs, activations: torch.Tensor) -> None:
-            with torch.autocast(activations.device.type, enabled=False):  # the statistics in their own precision
-                for statistic in per_layer:
-                    statistic.update(name, activations, batch_labels)
-        return hook
+    def reduce(name: str, activations: torch.Tensor) -> None:
+        with torch.autocast(activations.device.type, enabled=False):  # the statistics in their own precision
+            for statistic in per_layer:
+                statistic.update(name, activations, batch_labels)
 
-    with _hooks(network, blocks, reducer):
+    with network.hooked(blocks, reduce):
         for batch in loader:
             batch = module.transfer_batch_to_device(batch, module.device, 0)
             images, batch_labels = data.on_after_batch_transfer(batch, 0)
@@ -235,17 +231,6 @@ def run_pass(module, data, loader, blocks: list[str], per_layer: list[PerLayer],
                 kept_logits.append(module.logits(features, network).float())
                 kept_labels.append(batch_labels)
     return (torch.cat(kept_logits), torch.cat(kept_labels)) if logits else ()
-
-
-@contextmanager
-def _hooks(network, names: list[str], reducer):
-    modules = network.blocks()
-    handles = [modules[name].register_forward_hook(reducer(name)) for name in names]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _by_layer_figure(series: dict[str, dict[str, float]], ylabel: str):

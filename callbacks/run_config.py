@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 from lightning.pytorch.cli import SaveConfigCallback
 
+from lightning_modules.objectives import objective_name
+
 __all__ = ["RunConfig", "RunFolderError", "config_differences", "fingerprint", "name_run", "objective_slug"]
 
 DEFAULT_NAME = "lightning_logs"  # TensorBoardLogger's name when a config gives none
@@ -51,15 +53,8 @@ class RunFolderError(RuntimeError):
 
 
 def objective_slug(objective: Any) -> str:
-    """``CosineSoftmax`` (a name, a class path, or LightningCLI's {class_path, init_args}) -> ``cosine_softmax``."""
-    if objective is None:
-        name = "Softmax"
-    elif isinstance(objective, str):
-        name = objective
-    else:
-        name = objective["class_path"] if isinstance(objective, dict) else objective.class_path
-    name = name.rsplit(".", 1)[-1]
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+    """``CosineSoftmax`` (as ``objective_name`` takes it) -> ``cosine_softmax``."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", objective_name(objective)).lower()
 
 
 def name_run(config) -> None:

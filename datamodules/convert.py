@@ -5,6 +5,7 @@
         --ground_truth /data/imagenet/ILSVRC2012_devkit_t12 --holdout true
     python -m datamodules.convert transfer --name cifar10 --root /data/cifar --out_dir /data/ffcv
     python -m datamodules.convert folder --root /data/mine/train --out /data/ffcv/mine_train.beton
+    python -m datamodules.convert shapes --root data/shapes      # the embedded data set (drawn, not converted)
 
 Where each data set's files must lie is in ``datamodules/sources.py``. Writer settings default to
 ffcv-imagenet's for ResNet-50 (``--writer.max_resolution 500 --writer.jpeg_quality 90
@@ -24,6 +25,7 @@ import numpy as np
 from jsonargparse import CLI
 
 from .beton import WriterSettings, write_split
+from .shapes import EmbeddedShapesDataModule
 from .sources import TRANSFER_DATASETS, Split, holdout_split, image_folder
 from .sources import imagenet as imagenet_split
 
@@ -128,5 +130,26 @@ def transfer(
     return written
 
 
+def shapes(root: str = "data/shapes", num_train: int = 8000, num_val: int = 2000, num_transfer: int = 2000,
+           num_sketch_train: int = 500, seed: int = 0, image_size: int = 32) -> dict[str, int]:
+    """The embedded shapes data set (``datamodules/shapes.py``), drawn procedurally: every split as a .beton under
+    ``root``, as the data module draws it on first use (nothing rewritten when ``root`` already holds it).
+
+    Args:
+        root: where the .beton files go.
+        num_train: pre-training images (60 classes).
+        num_val: pre-training validation images.
+        num_transfer: images of each transfer task's training and test split.
+        num_sketch_train: the sketch target's training images (few labelled images).
+        seed: seed of the drawing.
+        image_size: image side in pixels.
+    """
+    module = EmbeddedShapesDataModule(root, num_train, num_val, num_transfer, num_transfer, num_sketch_train,
+                                      data_seed=seed, image_size=image_size)
+    module.prepare_data()
+    print(f"wrote {', '.join(f'{k}.beton ({v})' for k, v in module.sizes.items())} to {root}")
+    return module.sizes
+
+
 if __name__ == "__main__":
-    CLI([folder, imagenet, transfer], as_positional=False)
+    CLI([folder, imagenet, transfer, shapes], as_positional=False)

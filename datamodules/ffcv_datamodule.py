@@ -68,7 +68,8 @@ class FFCVImageDataModule(ImageClassificationData):
         return beton_labels(self._path(source), self.make_hint)
 
     def _loader(self, source: str, train: bool, subset: Optional[np.ndarray] = None,
-                crop_ratio: Optional[float] = None, local: bool = False) -> EpochAlignedLoader:
+                crop_ratio: Optional[float] = None, local: bool = False,
+                batch_size: Optional[int] = None) -> EpochAlignedLoader:
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
@@ -92,7 +93,7 @@ class FFCVImageDataModule(ImageClassificationData):
         try:
             loader = Loader(
                 path,
-                batch_size=self.batch_size_per_process,
+                batch_size=batch_size or self.batch_size_per_process,
                 num_workers=self.num_workers,
                 os_cache=self.os_cache,
                 order=OrderOption.SEQUENTIAL,  # replaced by this process's shard below
@@ -122,6 +123,6 @@ class FFCVImageDataModule(ImageClassificationData):
     def test_dataloader(self):
         return self._loader("val", train=False)
 
-    def evaluation_dataloader(self, source: str, subset: Optional[np.ndarray] = None,
-                              crop_ratio: Optional[float] = None, local: bool = False) -> EpochAlignedLoader:
-        return self._loader(source, train=False, subset=subset, crop_ratio=crop_ratio, local=local)
+    def evaluation_dataloader(self, source: str, subset: Optional[np.ndarray] = None, crop_ratio: Optional[float] = None,
+                              local: bool = False, batch_size: Optional[int] = None) -> EpochAlignedLoader:
+        return self._loader(source, train=False, subset=subset, crop_ratio=crop_ratio, local=local, batch_size=batch_size)

@@ -96,7 +96,8 @@ class ImageFolderDataModule(ImageClassificationData):
         return self.split(split).labels
 
     def _loader(self, source: str, train: bool, subset: Optional[np.ndarray] = None,
-                crop_ratio: Optional[float] = None, local: bool = False) -> EpochAlignedLoader:
+                crop_ratio: Optional[float] = None, local: bool = False,
+                batch_size: Optional[int] = None) -> EpochAlignedLoader:
         from torchvision.transforms import v2
 
         if train and self.augment:
@@ -112,7 +113,7 @@ class ImageFolderDataModule(ImageClassificationData):
         sampler = _ShardSampler(lambda epoch: subset if local else subset[self.shard(len(subset), train, epoch)])
         loader = DataLoader(
             _Images(split, v2.Compose([v2.PILToTensor(), *steps]), self.bad_images),
-            batch_size=self.batch_size_per_process,
+            batch_size=batch_size or self.batch_size_per_process,
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=_collate,
@@ -138,9 +139,9 @@ class ImageFolderDataModule(ImageClassificationData):
     def test_dataloader(self):
         return self._loader("val", train=False)
 
-    def evaluation_dataloader(self, source: str, subset: Optional[np.ndarray] = None,
-                              crop_ratio: Optional[float] = None, local: bool = False) -> EpochAlignedLoader:
-        return self._loader(source, train=False, subset=subset, crop_ratio=crop_ratio, local=local)
+    def evaluation_dataloader(self, source: str, subset: Optional[np.ndarray] = None, crop_ratio: Optional[float] = None,
+                              local: bool = False, batch_size: Optional[int] = None) -> EpochAlignedLoader:
+        return self._loader(source, train=False, subset=subset, crop_ratio=crop_ratio, local=local, batch_size=batch_size)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels, skipped = batch

@@ -205,14 +205,14 @@ class ImageClassificationData(L.LightningDataModule):
         (transfer probes use them when a config names none)."""
         return {}
 
-    def evaluation_dataloader(self, source: str, subset: Optional[np.ndarray] = None,
-                              crop_ratio: Optional[float] = None, local: bool = False) -> Iterable:
+    def evaluation_dataloader(self, source: str, subset: Optional[np.ndarray] = None, crop_ratio: Optional[float] = None,
+                              local: bool = False, batch_size: Optional[int] = None) -> Iterable:
         """Batches of ``source`` (as in ``labels``) without augmentation: a centre crop of ``crop_ratio`` of
         the shorter side resized to ``image_size`` (by default validation's, ``image_size / val_resize``;
         1.0 keeps the whole shorter side, as transfer probes do, appendix A.2). Only the samples ``subset``
         (all by default), in order; each is read by exactly one process, or with ``local`` this process
-        reads all of ``subset`` (its own share, chosen by the caller). Measurements use it for fixed
-        training subsets and for transfer data sets."""
+        reads all of ``subset`` (its own share, chosen by the caller); in batches of ``batch_size`` (by default
+        training's per process). Measurements use it for fixed training subsets and for transfer data sets."""
         raise NotImplementedError
 
     # --- shared ---

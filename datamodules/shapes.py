@@ -374,26 +374,3 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
                     and spec.get("image_size") == self.image_size and spec.get("design") == DESIGN):
                 return
         generate_shapes_dataset(self.root, self.sizes, self.data_seed, self.image_size)
-
-
-def main() -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Generate the embedded shapes data set as FFCV .beton files.")
-    parser.add_argument("--root", default="data/shapes")
-    parser.add_argument("--num-train", type=int, default=8000)
-    parser.add_argument("--num-val", type=int, default=2000)
-    parser.add_argument("--num-transfer", type=int, default=2000, help="images per transfer split")
-    parser.add_argument("--num-sketch-train", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=32)
-    args = parser.parse_args()
-    module = EmbeddedShapesDataModule(
-        args.root, args.num_train, args.num_val, args.num_transfer, args.num_transfer, args.num_sketch_train,
-        data_seed=args.seed, image_size=args.image_size)
-    module.prepare_data()
-    print(f"wrote {', '.join(f'{k}.beton ({v})' for k, v in module.sizes.items())} to {args.root}")
-
-
-if __name__ == "__main__":
-    main()

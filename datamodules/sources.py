@@ -46,6 +46,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from measurements.accuracy import MEASURES
+
 __all__ = [
     "Split",
     "DataError",
@@ -69,7 +71,6 @@ __all__ = [
 
 # The same tuple as torchvision.datasets.folder.IMG_EXTENSIONS, so image_folder finds what ImageFolder finds.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-MEASURES = ("top1", "mean_per_class")
 # Kornblith et al. 2021 hold out 50,046 of the 1,281,167 ImageNet training images (about 50 per class).
 IMAGENET_HOLDOUT_FRACTION = 50046 / 1281167
 LAYOUTS = "the expected layouts are listed at the top of datamodules/sources.py"

@@ -14,6 +14,7 @@ from .objectives import (
     SquaredError,
     make_objective,
     objective_classes,
+    objective_name,
 )
 
 __all__ = [
@@ -30,5 +31,6 @@ __all__ = [
     "CosineSoftmax",
     "SquaredError",
     "objective_classes",
+    "objective_name",
     "make_objective",
 ]

@@ -9,8 +9,9 @@ the weights (0.9999 per step at batch 4096) that validation evaluates.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Callable, Iterable, Iterator, Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from compat import training_batches_per_epoch
+from compat import attached_trainer, training_batches_per_epoch
 from measurements.accuracy import MeasuredAccuracy, check_measure
 
 from .backbones import build_backbone, residual_blocks
@@ -28,6 +29,9 @@ from .objectives import Objective, make_objective
 
 __all__ = ["Network", "ObjectiveClassifier", "PretrainingError", "accuracy_tag", "ema_decay_at", "warmup_cosine",
            "warmup_exponential_decay"]
+
+
+PENULTIMATE = "penultimate"  # the features the head reads, as every measurement and comparison names them
 
 
 class PretrainingError(ValueError):
@@ -53,8 +57,30 @@ class Network(nn.Module):
         return self.backbone(images)
 
     def blocks(self) -> dict[str, nn.Module]:
-        """Per-block modules in forward order (hook their outputs for per-layer measurements)."""
+        """Per-block modules in forward order (hook their outputs for per-layer measurements: ``hooked``)."""
         return residual_blocks(self.backbone)
+
+    @contextmanager
+    def hooked(self, blocks: Iterable[str], reduce: Callable[[str, Tensor], None],
+               stem: Optional[Callable[[Tensor], None]] = None) -> Iterator[None]:
+        """While open, each forward pass gives ``reduce(name, output)`` every one of ``blocks``' outputs (after the
+        block's final ReLU) and ``stem(x)`` the stem's output, the first block's input, before that block runs (it
+        could write into its input in place). Reduce in the hook: a later in-place ReLU can change a kept output."""
+        modules = self.blocks()
+
+        def on_output(name: str):
+            def hook(_module, _inputs, output) -> None:
+                reduce(name, output)
+            return hook
+
+        handles = [modules[name].register_forward_hook(on_output(name)) for name in blocks]
+        if stem is not None:
+            handles.append(next(iter(modules.values())).register_forward_pre_hook(lambda _module, args: stem(args[0])))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def parts(self) -> dict[str, list[str]]:
         """The network's parameters by module, in forward order: ``stem`` (what precedes and surrounds the blocks),
@@ -235,7 +261,7 @@ class ObjectiveClassifier(L.LightningModule):
     def configure_model(self) -> None:
         # Before the strategy moves the module and DDP builds its gradient buckets, which take the
         # parameters' layout as it is then. ``load_from_checkpoint`` calls this hook without a trainer.
-        if self._trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator):
+        if attached_trainer(self) is not None and isinstance(self.trainer.accelerator, CUDAAccelerator):
             for net in [self.network, self.ema]:
                 if net is not None:
                     net.to(memory_format=torch.channels_last)
@@ -377,7 +403,7 @@ class ObjectiveClassifier(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.fine_tunes and self.hparams.measure is None:
-            data = self.trainer.datamodule if self._trainer is not None else None
+            data = self.trainer.datamodule if attached_trainer(self) is not None else None
             where = next((f" {getattr(data, a)}" for a in ("val_path", "val_root") if hasattr(data, a)), "")
             raise PretrainingError(
                 f"No accuracy measure is known for the fine-tuning target{where}: its files record none (a .beton "

@@ -23,7 +23,7 @@ import copy
 import functools
 import inspect
 import math
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ __all__ = [
     "CosineSoftmax",
     "SquaredError",
     "objective_classes",
+    "objective_name",
     "make_objective",
 ]
 
@@ -374,6 +375,18 @@ def objective_classes() -> dict[str, type[Objective]]:
     return found
 
 
+def objective_name(spec: Any) -> str:
+    """The class name of an objective given as a name, a class path, LightningCLI's {class_path, init_args} (a dict
+    or a Namespace), an instance, or None (the default, Softmax): how configs, checkpoints and tables name it."""
+    if spec is None:
+        return "Softmax"
+    if isinstance(spec, Objective):
+        return type(spec).__name__
+    if not isinstance(spec, str):
+        spec = spec["class_path"] if isinstance(spec, dict) else spec.class_path
+    return str(spec).rsplit(".", 1)[-1]
+
+
 def make_objective(spec: Objective | str | dict | None) -> Objective:
     """An objective instance from an instance, a class name (with default hyper-parameters), the
     {class_path, init_args} a run's hparams record (``Objective.config``), or None (Softmax)."""
@@ -383,7 +396,7 @@ def make_objective(spec: Objective | str | dict | None) -> Objective:
         return spec
     args = {}
     if isinstance(spec, dict):  # a checkpoint's hparams: load_from_checkpoint builds the module from them
-        spec, args = str(spec["class_path"]).rsplit(".", 1)[-1], dict(spec.get("init_args") or {})
+        spec, args = objective_name(spec), dict(spec.get("init_args") or {})
         args = {k: make_objective(v) if isinstance(v, dict) and "class_path" in v else v for k, v in args.items()}
     classes = objective_classes()
     if spec not in classes:

@@ -20,7 +20,20 @@ from typing import Optional
 
 from jsonargparse import CLI
 
-from .spec import Study
+from lightning_modules.classifier import PretrainingError
+
+from . import analyse as analysis
+from .barriers import barrier as barrier_pass
+from .barriers import figure_barriers
+from .cka import compare, figure_two
+from .criticality import criticality as criticality_pass
+from .criticality import figure_criticality
+from .launch import prepare_data, run_locally, submit_to_slurm
+from .passes import ComparisonError, pass_trainer
+from .plan import GridUnfinished, selected
+from .report import ReportError, write_report
+from .runs import collect, collect_folder, run_states
+from .spec import Study, StudyError, TransferPlan, check_grid, check_lambdas
 
 
 def run(study: str, analyse_after: bool = True) -> None:
@@ -31,16 +44,15 @@ def run(study: str, analyse_after: bool = True) -> None:
         study: the study file (configs/studies/*.yaml).
         analyse_after: run the analysis once every run has finished.
     """
-    from .sweep import prepare_data, run_locally
-
     spec = Study.load(study)
     start = time.perf_counter()
-    timings = {"data": prepare_data(spec)}
-    failed = run_locally(spec, timings)
-    timings["all runs"] = time.perf_counter() - start - timings["data"]
+    states = run_states(spec)
+    timings = {"planning": time.perf_counter() - start}
+    timings["data"] = prepare_data(spec, states)
+    failed = run_locally(spec, states, timings)
+    timings["all runs"] = time.perf_counter() - start - timings["data"] - timings["planning"]
     print(f"\nstudy: data {timings['data']:.0f} s, runs {timings['all runs']:.0f} s", flush=True)
-    spec.report.mkdir(parents=True, exist_ok=True)
-    (spec.report / "timings.json").write_text(json.dumps(timings, indent=1))
+    analysis.write_json(spec.report, "timings.json", timings)
     if failed:
         print(f"{len(failed)} runs failed: {', '.join(s.run.name for s in failed)} (their output is above; the report "
               f"lists them as missing)", file=sys.stderr, flush=True)
@@ -63,12 +75,11 @@ def submit(study: str, sbatch: Optional[list[str]] = None, analysis_sbatch: Opti
         analysis_sbatch: sbatch flags for the analysis job.
         max_array_size: the most tasks of one array job (the cluster's MaxArraySize - 1); a larger stage is split.
     """
-    from .sweep import submit_to_slurm
-
     if max_array_size < 1:
         raise SystemExit(f"max_array_size must be >= 1, got {max_array_size}.")
-    arrays, analysis = submit_to_slurm(Study.load(study), list(sbatch or []), list(analysis_sbatch or []), max_array_size)
-    print(f"array jobs {', '.join(arrays) or '(none: every run has finished)'}; analysis job {analysis}"
+    spec = Study.load(study)
+    arrays, job = submit_to_slurm(spec, run_states(spec), list(sbatch or []), list(analysis_sbatch or []), max_array_size)
+    print(f"array jobs {', '.join(arrays) or '(none: every run has finished)'}; analysis job {job}"
           f"{' after them' if arrays else ''}; logs in slurm/logs/")
 
 
@@ -81,10 +92,11 @@ def fit_args(study: str, run: str) -> None:
         study: the study file.
         run: the run, <experiment>/seed<k>.
     """
-    from .sweep import selected
-
     spec = Study.load(study)
-    sys.stdout.write("\0".join(selected(spec, spec.run(run)).fit_args()))
+    chosen = spec.find_run(run)
+    grid = spec.grids.get(chosen.experiment)  # a refit reads its grid's runs; a task plans those, not the study
+    states = run_states(spec, {p.experiment for p in grid.points}) if grid else {}
+    sys.stdout.write("\0".join(selected(spec, chosen, states).fit_args()))
 
 
 def analyse(study: str, accelerator: str = "auto", devices: str = "auto", num_nodes: int = 1) -> None:
@@ -98,64 +110,11 @@ def analyse(study: str, accelerator: str = "auto", devices: str = "auto", num_no
         devices: Trainer devices (processes) for the comparison pass.
         num_nodes: Trainer nodes.
     """
-    from .compare import pass_trainer
-
     spec = Study.load(study)
     trainer = pass_trainer(accelerator, devices, num_nodes)
-    cka = study_cka(spec, trainer) if spec.cka is not None else None
-    if spec.transfer is not None:
-        from .transfer import analyse_transfer
-
-        start = time.perf_counter()
-        found = analyse_transfer(spec, trainer)
-        if trainer.is_global_zero:
-            spec.report.mkdir(parents=True, exist_ok=True)
-            (spec.report / "transfer.json").write_text(json.dumps(found, indent=1))
-            seconds = time.perf_counter() - start
-            print(f"transfer: {len(found['barriers'])} barrier pairs, {len(found['criticality'])} criticality runs, "
-                  f"{len(found.get('representations', {}).get('pairs', []))} representation pairs: {seconds:.0f} s", flush=True)
-            record_time(spec.report, "transfer analysis", seconds)
+    cka, _ = analysis.analyse(spec, trainer, run_states(spec))
     if trainer.is_global_zero:  # every process took part in the passes; one writes the report
         report(study, cka_file=str(spec.report / "cka.json") if cka else None)
-
-
-def study_cka(spec: Study, trainer) -> Optional[dict]:
-    """CKA and agreement between the study's finished runs (``cka:`` in its file), written to <report>/cka.json
-    by the first process; None when none of the runs it names has finished.
-
-    The matrix holds the experiments' runs of ``cka.seed`` and of the study's next seed (the first after the last),
-    so that Figure 2b can have rows of one seed and columns of the other: its diagonal is one objective from two
-    initialisations, as in the paper, not a run with itself (``report.cross_seed``); and prediction agreement covers
-    every two of them, within an objective and between objectives. With one seed, the runs of that seed alone."""
-    from .compare import compare
-    from .sweep import run_state
-
-    plan = spec.cka
-    finished = {r.name: (r.seed, s.folder) for r in spec.runs for s in [run_state(r)] if s.state == "finished"}
-    folders = {name: folder for name, (_, folder) in finished.items()}
-    pairs = [p for p in plan.pairs if all(n.split("@")[0] in folders for n in p)]
-    seeds = list(spec.seeds)
-    column_seed = seeds[(seeds.index(plan.seed) + 1) % len(seeds)] if len(seeds) > 1 else None
-    matrix = [n for seed in (plan.seed, column_seed) if seed is not None
-              for n, (run_seed, _) in finished.items() if run_seed == seed] if plan.layer else []
-    names = {n for p in pairs for n in p} | set(matrix)
-    if not names:
-        return None
-    networks = {n: str(folders[n.split("@")[0]]) + ("@untrained" if n.endswith("@untrained") else "") for n in sorted(names)}
-    start = time.perf_counter()
-    cka = compare(networks, pairs, matrix, plan.layer, agreement=spec.agreement, batch_size=plan.batch_size,
-                  images=plan.images, epochs=plan.epochs, trainer=trainer)
-    if trainer.is_global_zero:
-        if "matrix" in cka:
-            cka["matrix"]["seed"] = plan.seed  # Figure 2b's rows
-            cka["matrix"]["column_seed"] = column_seed  # its columns; None: one seed, the diagonal a run with itself
-        cka["skipped_pairs"] = [list(p) for p in plan.pairs if p not in pairs]
-        spec.report.mkdir(parents=True, exist_ok=True)
-        (spec.report / "cka.json").write_text(json.dumps(cka, indent=1))
-        seconds = time.perf_counter() - start
-        print(f"CKA and agreement of {len(networks)} networks: {seconds:.0f} s", flush=True)
-        record_time(spec.report, "cka", seconds)
-    return cka
 
 
 def report(source: str, out: Optional[str] = None, cka_file: Optional[str] = None) -> None:
@@ -166,11 +125,8 @@ def report(source: str, out: Optional[str] = None, cka_file: Optional[str] = Non
         out: the report's folder (default: the study's ``report``, or <folder>/report).
         cka_file: CKA results to draw Figure 2 from (default: <out>/cka.json when present).
     """
-    from .report import write_report
-    from .runs import collect, collect_folder
-
     spec = Study.load(source) if not Path(source).is_dir() else None
-    collected = collect(spec) if spec else collect_folder(Path(source))
+    collected = collect(spec, run_states(spec)) if spec else collect_folder(Path(source))
     folder = Path(out) if out else (spec.report if spec else Path(source) / "report")
     cka_path = Path(cka_file) if cka_file else folder / "cka.json"
     cka = json.loads(cka_path.read_text()) if cka_path.is_file() else None
@@ -180,20 +136,11 @@ def report(source: str, out: Optional[str] = None, cka_file: Optional[str] = Non
     path = write_report(collected, folder, title=f"Study {spec.path.stem}" if spec else f"Runs in {source}", cka=cka,
                         transfer=transfer)
     seconds = time.perf_counter() - start
-    record_time(folder, "report", seconds)
+    analysis.record_time(folder, "report", seconds)
     counted = (f"{len(collected.runs)} runs with measurements, {len(collected.unmeasured)} fine-tuning runs, "
                f"{len(collected.missing)} missing" if transfer else
                f"{len(collected.runs)} runs, {len(collected.missing) + len(collected.unmeasured)} missing")
     print(f"report: {path} ({counted}; {seconds:.1f} s)")
-
-
-def record_time(folder: Path, part: str, seconds: float) -> None:
-    """Adds a part's wall time to <report>/timings.json (the study's benchmark: data, each run, CKA, report)."""
-    path = folder / "timings.json"
-    timings = json.loads(path.read_text()) if path.is_file() else {}
-    timings[part] = seconds
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(timings, indent=1))
 
 
 def cka(pairs: Optional[list[tuple[str, str]]] = None, out: str = "cka", matrix: Optional[list[str]] = None, layer: str = "penultimate",
@@ -216,9 +163,6 @@ def cka(pairs: Optional[list[tuple[str, str]]] = None, out: str = "cka", matrix:
         seed: seed of the images drawn, their orders, and the untrained control's initialisation.
         stem: the pairs' layers start with the stem's output (the first block's input).
     """
-    from .compare import compare, pass_trainer
-    from .report import figure_two
-
     pairs = pairs or []
     names = list(dict.fromkeys([*(n for p in pairs for n in p), *(matrix or [])]))
     if not names:
@@ -228,8 +172,7 @@ def cka(pairs: Optional[list[tuple[str, str]]] = None, out: str = "cka", matrix:
                       batch_size=batch_size, images=images, seed=seed, epochs=epochs, stem=stem, trainer=trainer)
     if trainer.is_global_zero:
         folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "cka.json").write_text(json.dumps(results, indent=1))
+        analysis.write_json(folder, "cka.json", results)
         figure_two(results, folder / "figure2_cka.png")
         print(f"CKA: {folder / 'cka.json'}, {folder / 'figure2_cka.png'}")
 
@@ -252,19 +195,14 @@ def barrier(a: str, b: str, out: str = "barrier", lambdas: Optional[list[float]]
         seed: seed of the images drawn and of the bootstrap.
         resamples: bootstrap resamples of the images (95 % intervals of the barriers).
     """
-    from . import transfer
-    from .compare import pass_trainer
-    from .spec import TransferPlan
-    from .transfer_report import figure_barriers
-
-    trainer = pass_trainer(accelerator, devices, num_nodes)
     lambdas = TransferPlan.lambdas if lambdas is None else lambdas
-    entry = transfer.barrier_pair(a, b, lambdas, images=images, batch_size=batch_size, bn_images=bn_images, seed=seed,
-                                  resamples=resamples, trainer=trainer)
+    check_lambdas(lambdas)
+    trainer = pass_trainer(accelerator, devices, num_nodes)
+    entry = barrier_pass(a, b, lambdas, images=images, batch_size=batch_size, bn_images=bn_images, seed=seed,
+                         resamples=resamples, trainer=trainer)
     if trainer.is_global_zero:
         folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "barrier.json").write_text(json.dumps(entry, indent=1))
+        analysis.write_json(folder, "barrier.json", entry)
         figure_barriers([entry], folder / "barrier.png")
         r = entry["recomputed"]["test"]
         low, high = r["error_barrier_interval"]
@@ -294,32 +232,21 @@ def criticality(run: str, initial: Optional[str] = None, out: str = "criticality
         images: training (and, for rewinding, test) images evaluated at every point.
         batch_size: images per batch.
     """
-    from . import transfer
-    from .compare import pass_trainer
-    from .spec import TransferPlan
-    from .transfer_report import figure_criticality
-
     initial = initial or str(Path(run) / "checkpoints" / "epoch000.ckpt")
+    alphas, sigmas = alphas or TransferPlan.alphas, sigmas or TransferPlan.sigmas
+    check_grid(alphas, sigmas, draws, admissible)
     trainer = pass_trainer(accelerator, devices, num_nodes)
-    found = transfer.criticality(run, initial, alphas or TransferPlan.alphas, sigmas or TransferPlan.sigmas, draws, epsilon,
-                                 admissible, modules, seed, images=images, batch_size=batch_size, trainer=trainer)
+    found = criticality_pass(run, initial, alphas, sigmas, draws, epsilon, admissible, modules, seed, images=images,
+                             batch_size=batch_size, trainer=trainer)
     if trainer.is_global_zero:
         found["run"] = run
         folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "criticality.json").write_text(json.dumps(found, indent=1))
+        analysis.write_json(folder, "criticality.json", found)
         figure_criticality([found], folder / "criticality.png")
         print(", ".join(f"{p}: {m['criticality']}" for p, m in found["modules"].items()) + f"; {folder / 'criticality.json'}")
 
 
 def main() -> None:
-    from lightning_modules.classifier import PretrainingError
-
-    from .compare import ComparisonError
-    from .report import ReportError
-    from .spec import StudyError
-    from .sweep import GridUnfinished
-
     try:
         CLI([run, submit, analyse, report, cka, barrier, criticality, fit_args])
     except (StudyError, ReportError, ComparisonError, PretrainingError, GridUnfinished) as err:  # said plainly, without a traceback

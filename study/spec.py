@@ -34,26 +34,64 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import yaml
 
-__all__ = ["CKAPlan", "GridPlan", "Run", "Study", "StudyError", "TransferPlan", "UNTRAINED"]
+from lightning_modules import objective_classes, objective_name
+
+__all__ = ["CKAPlan", "GridPlan", "GridPoint", "Run", "RunName", "Study", "StudyError", "TransferPlan", "UNTRAINED",
+           "check_grid", "check_lambdas", "parse_run_name"]
 
 UNTRAINED = "@untrained"  # a run's architecture at initialisation, its BN moments computed on training images
+SEED = "{seed}"  # in an experiment's overrides: the run's seed
 RUN_NAME = re.compile(r"^(?P<experiment>[^/@]+)/seed(?P<seed>\d+)(?P<untrained>@untrained)?$")
 
 
 class StudyError(ValueError):
-    """A study file that cannot run: said before any run starts."""
+    """A study, or the plan of one of its passes, that cannot run: said before anything runs."""
+
+
+class RunName(NamedTuple):
+    experiment: str
+    seed: int
+    untrained: bool  # ``@untrained``: the run's architecture at initialisation
+
+
+def parse_run_name(name: str) -> Optional[RunName]:
+    """``<experiment>/seed<k>[@untrained]`` in its parts; None for a name of another form (a path)."""
+    match = RUN_NAME.match(name)
+    return RunName(match["experiment"], int(match["seed"]), bool(match["untrained"])) if match else None
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One (lr, weight decay) point of an experiment's grid (``GridPlan``): an experiment of its own, named
+    ``<experiment>_grid_lr<i>_wd<j>``, trained on the target's training images less the held-out ``validation_split``
+    in its own folder ``root`` (``<experiment's root>/<experiment>_grid/lr<i>_wd<j>``)."""
+    experiment: str
+    lr_per_256: float
+    lr_times_weight_decay: float
+    validation_split: float
+    root: str
+
+    def overrides(self) -> tuple[str, ...]:
+        """The ``cli.py fit`` arguments that make the experiment this point."""
+        return (f"--model.lr_per_256={self.lr_per_256}", f"--model.lr_times_weight_decay={self.lr_times_weight_decay}",
+                f"--data.init_args.validation_split={self.validation_split}", f"--trainer.default_root_dir={self.root}")
 
 
 @dataclass(frozen=True)
 class Run:
+    """A run of a study: ``cli.py fit --config <config> --seed_everything=<seed> <overrides>``. ``template``: the
+    arguments of the experiment it derives from (a grid point's is its grid's experiment) with ``{seed}`` unfilled,
+    so that planning parses each experiment once and derives its runs (``runs.run_states``)."""
     experiment: str
     seed: int
     config: Path
     overrides: tuple[str, ...] = ()
+    template: tuple[str, ...] = ()
+    point: Optional[GridPoint] = None
 
     @property
     def name(self) -> str:
@@ -89,7 +127,7 @@ class GridPlan:
     lr_per_256: tuple[float, ...]
     lr_times_weight_decay: tuple[Optional[float], ...] = (None,)
     validation_split: float = 0.2
-    points: tuple[tuple[str, float, float], ...] = ()  # (grid experiment, lr_per_256, lr_times_weight_decay)
+    points: tuple[GridPoint, ...] = ()
     seeds: Optional[tuple[int, ...]] = None  # the seeds every point trains with; None: the experiment's
 
 
@@ -138,9 +176,14 @@ class Study:
     runs: list[Run] = field(init=False)
 
     def __post_init__(self):
-        self.runs = [Run(name, seed, config, tuple(arg.replace("{seed}", str(seed))
-                                                   for arg in (*self.variants.get(name, ()), *self.overrides)))
-                     for name, config in self.experiments.items() for seed in self.own_seeds.get(name, self.seeds)]
+        points = {p.experiment: (name, p) for name, grid in self.grids.items() for p in grid.points}
+        self.runs = []
+        for name, config in self.experiments.items():
+            family, point = points.get(name, (name, None))
+            template = (*self.variants.get(family, ()), *self.overrides)
+            args = (*self.variants.get(name, ()), *self.overrides)
+            self.runs += [Run(name, seed, config, tuple(arg.replace(SEED, str(seed)) for arg in args), template, point)
+                          for seed in self.own_seeds.get(name, self.seeds)]
 
     @classmethod
     def load(cls, path: str | Path) -> "Study":
@@ -170,13 +213,11 @@ class Study:
                 if "grid" in entry:
                     if not config.is_file():
                         raise StudyError(f"{path}: experiment config {config} does not exist.")
-                    grid = _grid(path, name, config, entry["grid"], variants[name])
-                    for point, lr, decay in grid.points:  # the grid's runs come first, with its or the experiment's seeds
-                        experiments[point] = config
-                        variants[point] = (*variants[name], f"--model.lr_per_256={lr}", f"--model.lr_times_weight_decay={decay}",
-                                           f"--data.init_args.validation_split={grid.validation_split}",
-                                           f"--trainer.default_root_dir={_root(config, variants[name])}/{name}_grid/{point[len(name) + 6:]}")
-                        own_seeds[point] = grid.seeds or own_seeds.get(name) or tuple(spec.get("seeds", [0]))
+                    grid = _grid(path, name, entry["grid"], _root(config, variants[name]))
+                    for point in grid.points:  # the grid's runs come first, with its or the experiment's seeds
+                        experiments[point.experiment] = config
+                        variants[point.experiment] = (*variants[name], *point.overrides())
+                        own_seeds[point.experiment] = grid.seeds or own_seeds.get(name) or tuple(spec.get("seeds", [0]))
                     grids[name] = grid
             else:
                 config = Path(entry)
@@ -219,13 +260,13 @@ class Study:
         study._check_transfer()
         return study
 
-    def run(self, name: str) -> Run:
+    def find_run(self, name: str) -> Run:
         """The run ``<experiment>/seed<k>`` (``@untrained`` allowed: the same run's architecture)."""
-        match = RUN_NAME.match(name)
-        if not match:
+        parsed = parse_run_name(name)
+        if not parsed:
             raise StudyError(f"{self.path}: {name!r} is not a run name; write <experiment>/seed<k>, e.g. "
                              f"{next(iter(self.experiments))}/seed{self.seeds[0]}.")
-        found = [r for r in self.runs if r.experiment == match["experiment"] and r.seed == int(match["seed"])]
+        found = [r for r in self.runs if r.experiment == parsed.experiment and r.seed == parsed.seed]
         if not found:
             raise StudyError(f"{self.path}: {name!r} is not one of the study's runs (experiments: "
                              f"{', '.join(self.experiments)}; seeds: {list(self.seeds)}, unless an experiment names its own).")
@@ -236,7 +277,7 @@ class Study:
             if len(pair) != 2:
                 raise StudyError(f"{self.path}: a {what} pair names two runs, got {list(pair)}.")
             for name in pair:
-                self.run(name)
+                self.find_run(name)
 
     def _check_pairs(self) -> None:
         if self.cka is None:
@@ -249,8 +290,6 @@ class Study:
         """Names and grids of ``transfer`` checked now, not after the runs have trained."""
         if self.transfer is None:
             return
-        from .transfer import check_grid, check_lambdas
-
         self._check_run_pairs(self.transfer.pairs, "barrier")
         self._check_run_pairs(self.transfer.representations, "representations")
         for pair in self.transfer.representations:
@@ -258,16 +297,16 @@ class Study:
                 raise StudyError(f"{self.path}: transfer.representations pair {list(pair)}: these tables compare trained "
                                  f"runs; an untrained control belongs in cka.pairs.")
         for name in self.transfer.criticality:
-            self.run(name)
+            self.find_run(name)
         try:
             if self.transfer.pairs:
                 check_lambdas(self.transfer.lambdas)
             if self.transfer.criticality:
                 check_grid(self.transfer.alphas, self.transfer.sigmas, self.transfer.draws, self.transfer.admissible)
                 if self.transfer.modules not in ("layers", "blocks"):
-                    raise ValueError(f"modules={self.transfer.modules!r}: choose layers (each convolution or linear layer "
+                    raise StudyError(f"modules={self.transfer.modules!r}: choose layers (each convolution or linear layer "
                                      f"with its batch norm, the papers') or blocks.")
-        except ValueError as err:
+        except StudyError as err:
             raise StudyError(f"{self.path}: transfer: {err}") from None
 
 
@@ -279,7 +318,8 @@ def _root(config: Path, overrides: tuple[str, ...]) -> str:
     return str(((yaml.safe_load(config.read_text()) or {}).get("trainer") or {}).get("default_root_dir") or "runs")
 
 
-def _grid(path: Path, name: str, config: Path, grid: dict, overrides: tuple[str, ...]) -> GridPlan:
+def _grid(path: Path, name: str, grid: dict, root: str) -> GridPlan:
+    """``name``'s grid (``GridPlan``), its points' folders under ``root``, the experiment's own."""
     known = {"lr_per_256", "lr_times_weight_decay", "validation_split", "seeds"}
     if set(grid) - known or not grid.get("lr_per_256"):
         raise StudyError(f"{path}: {name}'s grid has lr_per_256 (a non-empty list), lr_times_weight_decay (values or null), "
@@ -291,10 +331,12 @@ def _grid(path: Path, name: str, config: Path, grid: dict, overrides: tuple[str,
                          f"as text; write 1.0e-5).")
     if any(lr <= 0 for lr in lrs) or any(d is not None and d < 0 for d in decays):
         raise StudyError(f"{path}: {name}'s grid needs positive learning rates and non-negative decays, got {lrs}, {decays}.")
-    points = tuple((f"{name}_grid_lr{i}_wd{j}", lr, 0.0 if d is None else float(d))
+    split = float(grid.get("validation_split", 0.2))
+    points = tuple(GridPoint(f"{name}_grid_lr{i}_wd{j}", lr, 0.0 if d is None else float(d), split,
+                             f"{root}/{name}_grid/lr{i}_wd{j}")
                    for i, lr in enumerate(lrs) for j, d in enumerate(decays))
     seeds = tuple(_check_seeds(path, grid["seeds"])) if "seeds" in grid else None
-    return GridPlan(lrs, decays, float(grid.get("validation_split", 0.2)), points, seeds)
+    return GridPlan(lrs, decays, split, points, seeds)
 
 
 def _check_seeds(path: Path, seeds) -> list[int]:
@@ -306,15 +348,34 @@ def _check_seeds(path: Path, seeds) -> list[int]:
 def _check_objective(config: Path) -> None:
     """An experiment's objective must be one of lightning_modules' classes, said now rather than after the
     runs before it have trained."""
-    from lightning_modules import objective_classes
-
-    model = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
-    objective = model.get("objective")
+    objective = ((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("objective")
     if isinstance(objective, dict):
         objective = objective.get("class_path")
     if objective is None:
         return  # the module's default (Softmax)
-    name = str(objective).rsplit(".", 1)[-1]
     known = objective_classes()
-    if name not in known:
+    if objective_name(objective) not in known:
         raise StudyError(f"{config}: unknown objective {objective!r}; choose one of {', '.join(sorted(known))}.")
+
+
+def check_lambdas(lambdas: Sequence[float]) -> None:
+    if len(lambdas) == 0:
+        raise StudyError("The lambda grid is empty; give points along the path, e.g. lambdas: [0, 0.1, ..., 1] "
+                         "(0 and 1, the two networks, are needed for the barrier).")
+    if 0 not in lambdas or 1 not in lambdas:
+        raise StudyError(f"The lambda grid {list(lambdas)} must hold 0 and 1 (the two networks): the barrier is "
+                         f"measured against the straight line between their losses.")
+
+
+def check_grid(alphas: Sequence[float], sigmas: Sequence[float], draws: int, admissible: str = "error") -> None:
+    if len(alphas) == 0 or any(not 0 <= a <= 1 for a in alphas):
+        raise StudyError(f"The alpha grid {list(alphas)} must be non-empty, in [0, 1] (0: the module at its initial "
+                         f"weights, 1: final), e.g. [0.25, 0.5, 0.75, 1].")
+    if len(sigmas) == 0 or any(not 0 < s <= 1 for s in sigmas):
+        raise StudyError(f"The sigma grid {list(sigmas)} must be non-empty, in (0, 1] (noise std relative to the "
+                         f"RMS of each weight tensor; the definition takes sigma <= 1), e.g. [0.01, 0.03, 0.1, 0.3].")
+    if draws < 1:
+        raise StudyError(f"draws={draws}: take at least one noise draw per point (several average out the noise).")
+    if admissible not in ("error", "loss"):
+        raise StudyError(f"admissible={admissible!r}: choose 'error' (the mean train 0-1 error within epsilon of the "
+                         f"final network's: the definition) or 'loss' (the mean loss within (1 + epsilon) x the final's).")

@@ -10,7 +10,7 @@ from datamodules.beton import WriterSettings, write_split
 from datamodules.shapes import NUM_COLOURS, render_shapes
 from datamodules.sources import Split
 from measurements import MinibatchCKA, gram
-from study.compare import ComparisonError, FixedImages, fixed_batches, pass_images
+from study.passes import ComparisonError, FixedImages, fixed_batches, pass_images
 
 from .helpers import StubTrainer
 

@@ -123,7 +123,7 @@ def test_a_report_over_no_runs_says_where_it_looked(tmp_path):
 
 
 def test_two_way_anova_of_the_objective_matches_the_textbook_balanced_formula():
-    from study.report import anova_objective_p
+    from study.statistics import anova_objective_p
 
     rng = np.random.default_rng(0)
     a, b, n = 2, 3, 4  # objectives, data sets, seeds
@@ -137,7 +137,7 @@ def test_two_way_anova_of_the_objective_matches_the_textbook_balanced_formula():
 
 
 def test_table_two_bolds_by_t_test_per_data_set_and_anova_for_the_average():
-    from study.transfer_report import table_two
+    from study.finetuning import table_two
 
     def run(objective, target, acc):
         return {"kind": "P-T", "block_shuffle": None, "pretraining_epoch": 5, "pretraining_objective": objective,
@@ -154,7 +154,7 @@ def test_table_two_bolds_by_t_test_per_data_set_and_anova_for_the_average():
 def test_the_talks_findings_compare_p_t_and_ri_t_within_each_target_and_shuffling_against_its_own_run():
     """Two targets (the sketch domain and the texture contrast): P-T is compared with RI-T of its own target, and a
     block-shuffled run's relative drop with the un-shuffled run of its kind and target, never across targets."""
-    from study.transfer_report import _groups, _summary, findings, main_arms
+    from study.finetuning import _groups, _summary, findings, main_arms
 
     def run(experiment, kind, target, acc, block=None, seed=0):
         return {"run": f"{experiment}/seed{seed}", "experiment": experiment, "seed": seed, "kind": kind,
@@ -210,7 +210,7 @@ def test_figure_5b_names_its_test_and_the_papers_rho_within_table_four(tmp_path)
 
 def test_the_tables_say_which_t_test_ran_and_bold_by_it(tmp_path):
     """Welch's (default) and Student's differ here: 3 seeds each, one row spread 8 times more than the best."""
-    from study.report import Cell, column
+    from study.statistics import Cell, column
 
     best, other = [80.0, 80.2, 79.8], [77.0, 78.6, 75.4]
     welch = stats.ttest_ind(other, best, equal_var=False).pvalue
@@ -234,7 +234,7 @@ def test_the_tables_say_which_t_test_ran_and_bold_by_it(tmp_path):
 
 def test_table_two_offers_student_and_welch_and_says_which_ran(tmp_path):
     from study.runs import Collected
-    from study.transfer_report import table_two
+    from study.finetuning import table_two
 
     def run(objective, acc):
         return {"kind": "P-T", "block_shuffle": None, "pretraining_epoch": 5, "pretraining_objective": objective,
@@ -274,7 +274,7 @@ def spread(values, digits=2):
 
 
 def test_figure_2b_has_rows_of_one_seed_and_columns_of_another_so_its_diagonal_is_two_initialisations(tmp_path):
-    from study.report import cka_parts, cross_seed
+    from study.cka import cka_parts, cross_seed
 
     cka = cka_of_two_seeds(np.random.default_rng(7))
     runs, m = cka["matrix"]["runs"], np.array(cka["matrix"]["cka"])
@@ -296,7 +296,7 @@ def test_figure_2b_has_rows_of_one_seed_and_columns_of_another_so_its_diagonal_i
 
 
 def test_figure_2b_of_one_seed_says_its_diagonal_is_a_run_with_itself():
-    from study.report import cka_section
+    from study.cka import cka_section
 
     cka = cka_of_two_seeds(np.random.default_rng(8), seeds=(0,))
     m = np.array(cka["matrix"]["cka"])
@@ -307,7 +307,7 @@ def test_figure_2b_of_one_seed_says_its_diagonal_is_a_run_with_itself():
 
 def test_agreement_is_reported_within_and_between_objectives_over_every_seed_pair():
     """Figure C.4 as the paper compares it: two seeds of one objective against runs of different objectives."""
-    from study.report import agreement_matrix, cka_section
+    from study.cka import agreement_matrix, cka_section
 
     cka = cka_of_two_seeds(np.random.default_rng(9), seeds=(0, 1, 2))
     cka["agreement"][0]["shared_wrong"] = float("nan")  # no image wrong for both: left out, not averaged as 0
@@ -344,7 +344,7 @@ def test_agreement_is_reported_within_and_between_objectives_over_every_seed_pai
 
 
 def test_one_basin_is_decided_on_the_barriers_interval():
-    from study.transfer_report import one_basin
+    from study.barriers import one_basin
 
     assert one_basin({"error_barrier": 0.0, "error_barrier_interval": [0.0, 1 - 495 / 500]}) is True  # 5 of 500 images
     assert one_basin({"error_barrier": 0.004, "error_barrier_interval": [0.0, 0.03]}) is None  # the images cannot tell
@@ -353,7 +353,7 @@ def test_one_basin_is_decided_on_the_barriers_interval():
 
 
 def made_up_representations(rng) -> dict:
-    """A transfer.json's ``representations`` as ``study.transfer.representations`` writes it, with random numbers."""
+    """A transfer.json's ``representations`` as ``study.cka.representations`` writes it, with random numbers."""
     layers = ["stem", "layer1.0", "layer2.0", "penultimate"]
 
     def pair(a, b, head):
@@ -376,7 +376,7 @@ def made_up_representations(rng) -> dict:
 
 
 def test_the_transfer_section_draws_the_talks_three_tables_and_does_without_them(tmp_path):
-    from study.transfer_report import transfer_section
+    from study.finetuning import transfer_section
 
     def run(name, kind):
         return {"run": name, "experiment": name.split("/")[0], "seed": int(name[-1]), "kind": kind, "pretraining_epoch": None,
@@ -416,3 +416,29 @@ def test_the_transfer_section_draws_the_talks_three_tables_and_does_without_them
     # A transfer.json written before these tables: the section stands without them.
     lines, _ = transfer_section({"runs": runs, "barriers": [], "criticality": []}, tmp_path)
     assert "### Which of the talk's findings these runs show" in lines and not any("Representations" in l for l in lines)
+
+
+DEV_ONLY = {"sklearn", "pytest", "_pytest"}  # what `pip install .[dev]` adds
+
+
+def test_a_report_needs_no_dev_dependency(tmp_path):
+    """``python -m study report`` on finished runs in a process that cannot import the dev extras (scikit-learn,
+    pytest), as after ``pip install .``."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    rng = np.random.default_rng(0)
+    for experiment in ("softmax", "sigmoid", "squared_error"):
+        for seed in range(2):
+            write_run(tmp_path / "runs", experiment, seed, synthetic_values(rng, 0.0))
+    hidden = tmp_path / "hidden"  # found first on the path: importing a dev extra fails as if it were not installed
+    for name in DEV_ONLY:
+        (hidden / name).mkdir(parents=True)
+        (hidden / name / "__init__.py").write_text(f"raise ImportError('{name} is a dev dependency (pip install .[dev])')")
+    done = subprocess.run([sys.executable, "-m", "study", "report", str(tmp_path / "runs")], cwd=REPO, capture_output=True,
+                          text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(hidden)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Table 1" in (tmp_path / "runs" / "report" / "report.md").read_text()

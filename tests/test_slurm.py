@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from study.plan import grid_scores
+from study.runs import run_states
 from study.spec import Study
-from study.sweep import grid_scores
 
 from .conftest import REPO
 from .helpers import scalars
@@ -166,10 +167,11 @@ def test_a_study_is_array_jobs_in_stages_with_its_analysis_after(cluster, tmp_pa
     finished(cluster, analysis, root)
     config = yaml.safe_load((root / "ri_t" / "softmax" / "seed1" / "config.yaml").read_text())
     assert config["seed_everything"] == 1 and config["model"]["init_from"] is None
-    chosen = grid_scores(Study.load(study), "p_t")
-    best = next(p for p in chosen["points"] if p["point"] == chosen["chosen"])
+    spec = Study.load(study)
+    chosen = grid_scores(spec, "p_t", run_states(spec))
+    best = next(p for p in chosen.points if p.point == chosen.chosen)
     refit = yaml.safe_load((root / "p_t" / "softmax" / "seed0" / "config.yaml").read_text())
-    assert refit["model"]["lr_per_256"] == best["lr_per_256"] and refit["data"]["init_args"].get("validation_split") is None
+    assert refit["model"]["lr_per_256"] == best.lr_per_256 and refit["data"]["init_args"].get("validation_split") is None
     assert refit["model"]["init_from"].endswith("pre/softmax/seed0/checkpoints/last.ckpt")
     report = root / "report"
     text = (report / "report.md").read_text()

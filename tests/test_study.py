@@ -17,10 +17,13 @@ import cli
 from callbacks.preemption import Preempted
 from lightning_modules import ObjectiveClassifier
 from measurements import gram
-from callbacks.run_config import objective_slug
-from study.compare import ComparisonError, Loaded, check_comparable
+from callbacks.run_config import name_run, objective_slug
+from cli import run_folder
+from study.launch import run_locally
+from study.passes import ComparisonError, Loaded, check_comparable
+from study.plan import stages
+from study.runs import run_config, run_states
 from study.spec import Study, StudyError
-from study.sweep import run_locally, run_state, stages
 
 from .conftest import REPO
 from .helpers import SignalAt
@@ -57,12 +60,12 @@ def test_a_study_names_its_problems_before_any_run_starts(tmp_path, shapes_root)
         Study.load(study_file(tmp_path, [good], extra="cka: {pairs: [[softmax/seed0, softmax/seed3]]}\n"))
     study = Study.load(study_file(tmp_path, [good], seeds=(0, 4)))
     assert [r.name for r in study.runs] == ["softmax/seed0", "softmax/seed4"]
-    assert run_state(study.runs[1]).folder == tmp_path / "runs" / "softmax" / "seed4"
+    assert run_states(study)["softmax/seed4"].folder == tmp_path / "runs" / "softmax" / "seed4"
     # A variant of a config: its own name, overrides (before the study's) and seeds.
     variant = f"- {{name: wide, config: {good}, seeds: [2], overrides: [--trainer.default_root_dir={tmp_path / 'wide'}]}}\n"
     study = Study.load(_with_experiment(study_file(tmp_path, [good]), variant))
     assert [r.name for r in study.runs] == ["softmax/seed0", "wide/seed2"]
-    assert run_state(study.runs[1]).folder == tmp_path / "wide" / "softmax" / "seed2"
+    assert run_states(study)["wide/seed2"].folder == tmp_path / "wide" / "softmax" / "seed2"
     with pytest.raises(StudyError, match=r"an experiment is a config path, or \{name, config, overrides, seeds, grid\}"):
         Study.load(_with_experiment(study_file(tmp_path, [good]), f"- {{name: x, config: {good}, seed: 1}}\n"))
     for transfer, message in (("{pairs: [[softmax/seed0, softmax/seed9]]}", "'softmax/seed9' is not one of the study's runs"),
@@ -82,10 +85,10 @@ def test_seed_in_an_override_is_the_runs_seed_and_a_grid_trains_every_seed(tmp_p
     study = Study.load(_with_experiment(study_file(tmp_path, [good]), entry))
     grid = [r for r in study.runs if r.experiment.startswith("ft_grid")]
     assert [r.name for r in grid] == [f"ft_grid_lr{i}_wd{j}/seed{s}" for i in (0, 1) for j in (0, 1) for s in (0, 2)]
-    for run in [*grid, study.run("ft/seed0"), study.run("ft/seed2")]:
+    for run in [*grid, study.find_run("ft/seed0"), study.find_run("ft/seed2")]:
         assert f"--model.init_from={tmp_path / 'pre' / f'seed{run.seed}' / 'last.ckpt'}" in run.overrides
     assert [r.name for r in study.runs if r.experiment == "softmax"] == ["softmax/seed0"]
-    assert {"--model.lr_per_256=0.2", "--model.lr_times_weight_decay=1e-05"} <= set(study.run("ft_grid_lr1_wd1/seed2").overrides)
+    assert {"--model.lr_per_256=0.2", "--model.lr_times_weight_decay=1e-05"} <= set(study.find_run("ft_grid_lr1_wd1/seed2").overrides)
     with pytest.raises(StudyError, match=r"grid holds values that are not numbers.*write 1.0e-5"):
         Study.load(_with_experiment(study_file(tmp_path, [good]),
                                     f"- {{name: ft, config: {good}, grid: {{lr_per_256: [1e-5]}}}}\n"))
@@ -108,7 +111,9 @@ def test_a_study_parses_each_run_as_cli_fit_would_with_one_parser(tmp_path, shap
             ["--config", str(good), "--seed_everything=1"]]
     parsed = [cli.fit_config(args) for args in runs]  # compared after all of them: none changed by a later parse
     for args, config in zip(runs, parsed):
-        fresh = cli.parse_only(args).config.as_dict()
+        fresh = cli.parse_only(args).config
+        name_run(fresh)
+        fresh = fresh.as_dict()
         got = config.as_dict()
         if args[2] == "--seed_everything=true":  # drawn at random by each parse
             assert isinstance(got.pop("seed_everything"), int) and isinstance(fresh.pop("seed_everything"), int)
@@ -122,7 +127,7 @@ def test_runs_come_in_stages_after_the_runs_they_start_from(tmp_path, monkeypatc
     before anything runs."""
     monkeypatch.chdir(REPO)
     study = Study.load("configs/studies/transfer.yaml")
-    ordered = [[s.run.name for s in stage] for stage in stages(study, [run_state(r) for r in study.runs])]
+    ordered = [[s.run.name for s in stage] for stage in stages(study, run_states(study))]
     # P-T and RI-T get the same grid: RI-T's grid needs nothing, its refit waits for it; P-T's waits for pre-training.
     grid = [f"grid_lr{i}_wd0/seed{s}" for i in (0, 1) for s in (0, 1)]
     # The texture contrast arms the same, from one seed.
@@ -142,7 +147,7 @@ def test_runs_come_in_stages_after_the_runs_they_start_from(tmp_path, monkeypatc
     alone = Study.load(tmp_path / "study.yaml")
     with pytest.raises(StudyError, match=r"ri_t/seed0 starts from .*gone\.ckpt \(model.init_from\), which does not exist and "
                                          r"which none of the study's runs trains"):
-        stages(alone, [run_state(r) for r in alone.runs])
+        stages(alone, run_states(alone))
 
 
 def _with_experiment(path: Path, entry: str) -> Path:
@@ -163,16 +168,17 @@ def test_an_interrupted_study_finishes_without_redoing_finished_runs(tmp_path, s
     interrupted.trainer.callbacks.append(SignalAt(12, signal.SIGUSR1))
     with pytest.raises(Preempted):
         interrupted.trainer.fit(interrupted.model, datamodule=interrupted.datamodule)
-    assert [run_state(r).state for r in study.runs] == ["finished", "unfinished"]
-    finished_checkpoint = run_state(first).folder / "checkpoints" / "last.ckpt"
+    states = run_states(study)
+    assert [s.state for s in states.values()] == ["finished", "unfinished"]  # read from the folders when asked
+    finished_checkpoint = states[first.name].folder / "checkpoints" / "last.ckpt"
     written = finished_checkpoint.stat().st_mtime_ns
 
-    assert run_locally(study) == []
+    assert run_locally(study, states) == []
     assert finished_checkpoint.stat().st_mtime_ns == written  # not run again
-    assert [run_state(r).state for r in study.runs] == ["finished", "finished"]
-    resumed = torch.load(run_state(second).folder / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert [s.state for s in states.values()] == ["finished", "finished"]
+    resumed = torch.load(states[second.name].folder / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
     assert resumed["global_step"] == 32  # 2 epochs of 16 steps: resumed at 20, not restarted
-    events = list((run_state(second).folder).glob("events.out.tfevents.*"))
+    events = list((states[second.name].folder).glob("events.out.tfevents.*"))
     assert len(events) == 2  # the interrupted part and the resumed part in one run folder
 
 
@@ -184,7 +190,7 @@ def resnet18_classifier(num_classes: int = 10) -> ObjectiveClassifier:
 def test_the_hooks_see_every_block_once_after_its_residual_relu(tmp_path):
     """torchvision's BasicBlock applies one in-place ReLU twice; the Gram matrices must be those of each block's
     final output, taken before anything later in the network writes into it."""
-    from study.compare import Comparison
+    from study.cka import Comparison
 
     torch.manual_seed(0)
     module = resnet18_classifier().eval()
@@ -256,16 +262,31 @@ def test_cka_between_checkpoints_is_the_same_on_one_and_two_processes(tmp_path, 
 
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs" / "studies").glob("*.yaml")))
-def test_every_study_that_comes_with_the_code_loads(path, monkeypatch):
+def test_every_study_that_comes_with_the_code_plans_its_runs_as_a_full_parse_of_each_would(path, monkeypatch):
+    """``run_states`` parses each experiment once and derives its runs: every derived run's folder, starting checkpoint,
+    bounds and data equal a full parse of its arguments (all runs; of Table 2's 15,768, every 300th)."""
     monkeypatch.chdir(REPO)  # a study's paths are relative to the repository root
     study = Study.load(path)
     assert len(study.runs) >= len(study.experiments) >= 2
-    points = {p for grid in study.grids.values() for p, _, _ in grid.points}
-    first = next(iter(study.grids), None)  # of a study with grids (Table 2's: 15,768 runs), the runs of one grid
-    runs = [r for r in study.runs if r.experiment not in points or r.experiment.startswith(f"{first}_grid_")]
-    folders = [run_state(run).folder for run in runs]
+    states = run_states(study)
+    assert list(states) == [r.name for r in study.runs]
+    folders = [s.folder for s in states.values()]
     assert len(set(folders)) == len(folders)  # every run in a folder of its own
-    assert all(folder.parts[-1] == f"seed{run.seed}" for folder, run in zip(folders, runs))
+    assert all(s.folder.parts[-1] == f"seed{s.run.seed}" for s in states.values())
+    for run in study.runs[::max(1, len(study.runs) // 50)]:
+        full = run_config(run)
+        init_from = Path(full.model.init_from) if full.model.init_from else None
+        assert (states[run.name].folder, states[run.name].init_from) == (run_folder(full), init_from), run.name
+        assert states[run.name].bounds == (full.trainer.max_epochs, full.trainer.max_steps)
+        assert states[run.name].data == full.data.as_dict()
+
+
+def test_a_seed_a_parse_cannot_leave_unfilled_is_planned_by_a_parse_per_run(tmp_path):
+    path = study_file(tmp_path, [REPO / "configs" / "embedded" / "softmax.yaml"], seeds=(1, 2),
+                      overrides=["--trainer.max_epochs={seed}", "--trainer.default_root_dir=" + str(tmp_path / "r{seed}")])
+    states = run_states(Study.load(path))
+    assert [s.bounds[0] for s in states.values()] == [1, 2]  # an integer: "{seed}" does not parse, each run does
+    assert [s.folder for s in states.values()] == [tmp_path / f"r{k}" / "softmax" / f"seed{k}" for k in (1, 2)]
 
 
 def test_every_embedded_experiment_builds_with_its_objective():
@@ -282,22 +303,21 @@ def test_every_embedded_experiment_builds_with_its_objective():
 def test_study_cka_puts_two_seeds_in_the_matrix_so_figure_2b_crosses_them(tmp_path, monkeypatch, seeds, row_seed, column_seed):
     """Figure 2b's diagonal is one objective from two initialisations: the matrix holds the runs of cka.seed and of the
     study's next seed (after the last: the first), with one seed that seed's alone; cka.json says which is which."""
-    import study.compare
-    import study.sweep
-    from study.__main__ import study_cka
+    import study.analyse
+    from study.analyse import study_cka
 
     configs = [REPO / "configs" / "embedded" / f"{name}.yaml" for name in ("softmax", "sigmoid")]
     spec = Study.load(study_file(tmp_path, configs, seeds=seeds, extra=f"cka: {{layer: penultimate, seed: {row_seed}}}\n"
                                                                        f"agreement: true\n"))
-    monkeypatch.setattr(study.sweep, "run_state", lambda run: SimpleNamespace(state="finished", folder=tmp_path / run.name))
+    states = {run.name: SimpleNamespace(state="finished", folder=tmp_path / run.name) for run in spec.runs}
     called = {}
 
     def compare(networks, pairs, matrix, layer, agreement, **kwargs):
         called.update(networks=networks, matrix=matrix, agreement=agreement)
         return {"pairs": [], "matrix": {"layer": layer, "runs": matrix, "cka": np.eye(len(matrix)).tolist()}, "agreement": []}
 
-    monkeypatch.setattr(study.compare, "compare", compare)
-    study_cka(spec, SimpleNamespace(is_global_zero=True))
+    monkeypatch.setattr(study.analyse, "compare", compare)
+    study_cka(spec, SimpleNamespace(is_global_zero=True), states)
     expected = [f"{e}/seed{s}" for s in (row_seed, column_seed) if s is not None for e in ("softmax", "sigmoid")]
     assert called["matrix"] == expected and called["agreement"] is True
     assert called["networks"] == {n: str(tmp_path / n) for n in sorted(expected)}

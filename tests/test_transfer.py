@@ -16,10 +16,14 @@ from lightning_modules import ObjectiveClassifier
 from lightning_modules.classifier import PretrainingError
 from study.__main__ import analyse
 from measurements.cka import gram, unbiased_hsic
-from study.compare import ComparisonError, Loaded, check_comparable, data_module_of, load_network, pass_images
+from study.barriers import barrier
+from study.cka import representations
+from study.criticality import criticality
+from study.passes import (ComparisonError, Loaded, Logits, check_comparable, data_module_of, distance, load_network, pass_images,
+                          shared_distance)
+from study.plan import grid_scores, selected
+from study.runs import run_states
 from study.spec import Study, StudyError
-from study.sweep import grid_scores, run_state, selected
-from study.transfer import Logits, barrier, criticality, distance, representations, shared_distance
 
 from .helpers import scalars
 
@@ -62,9 +66,10 @@ def fine_tuned(tmp_path_factory, shapes_root):
     """The transfer study's runs, trained in this process with the arguments the study gives them."""
     root = tmp_path_factory.mktemp("transfer")
     study = Study.load(transfer_study(root, shapes_root))
+    states = run_states(study)
     for run in study.runs:  # as the study runs them: the grid first, then p_t refit at its best point
-        cli.main(["fit", *selected(study, run).config_args()])
-    folders = {run.name: run_state(run).folder for run in study.runs}
+        cli.main(["fit", *selected(study, run, states).config_args()])
+    folders = {name: state.folder for name, state in states.items()}
     pretrained = folders["pretrain/seed0"] / "checkpoints" / "last.ckpt"
     return pretrained, {"p_t": folders["p_t/seed0"], "p_t_seed1": folders["p_t/seed1"], "ri_t": folders["ri_t/seed0"],
                         "pretrain": folders["pretrain/seed0"],
@@ -97,14 +102,15 @@ def test_barriers_recompute_batch_norm_and_reproduce_their_ends(fine_tuned, shap
     _, folders = fine_tuned
     a, b = str(folders["p_t"]), str(folders["ri_t"])
     lambdas = [0.0, 0.25, 0.5, 0.75, 1.0]
-    plain = barrier(a, b, lambdas, images=128, batch_size=64, bn_images=128, recompute_bn=False)
+    found = barrier(a, b, lambdas, images=128, batch_size=64, bn_images=128)  # each checkpoint loaded once, one pass
+    plain, recomputed = found["interpolated"], found["recomputed"]
     # lambda = 0 and 1 are the checkpoints themselves: their losses, evaluated directly.
     for end, index in ((a, 0), (b, -1)):
         assert plain["test"]["loss"][index] == pytest.approx(direct_loss(end), rel=1e-6)
-    recomputed = barrier(a, b, lambdas, images=128, batch_size=64, bn_images=128)
     # Interpolated running moments fit neither network at the midpoint: the barrier comes out higher.
     assert plain["test"]["loss_barrier"] > recomputed["test"]["loss_barrier"]
-    itself = barrier(a, a, lambdas, images=128, batch_size=64, bn_images=128)
+    itself = barrier(a, a, lambdas, images=128, batch_size=64, bn_images=128)["recomputed"]
+    assert found["distance"] == distance(a, b)
     assert itself["train"]["loss_barrier"] == pytest.approx(0.0, abs=1e-6) and itself["test"]["error_barrier"] == pytest.approx(0.0, abs=1e-9)
     d = distance(a, str(folders["p_t_seed1"]))
     assert distance(a, a)["all"] == 0.0 and d["all"] > 0
@@ -116,10 +122,9 @@ def direct_loss(run: str) -> float:
     loaded = load_network("x", run)
     data = data_module_of(Path(run))
     data.setup("validate")
-    data.batch_size_per_process = 64
     total = 0.0
     with torch.no_grad():
-        for batch in data.evaluation_dataloader("val", np.arange(128), local=True):
+        for batch in data.evaluation_dataloader("val", np.arange(128), local=True, batch_size=64):
             images, labels = data.on_after_batch_transfer(batch, 0)
             total += float(torch.nn.functional.cross_entropy(loaded.module(images), labels, reduction="sum"))
     return total / 128
@@ -180,20 +185,20 @@ def test_a_validation_split_holds_out_training_images_and_leaves_the_test_set_al
 def test_the_grid_validates_on_held_out_training_images_and_the_refit_takes_its_best_point(fine_tuned):
     _, folders = fine_tuned
     study = Study.load(folders["study"])
-    scores = grid_scores(study, "p_t")
-    assert [p["lr_per_256"] for p in scores["points"]] == [0.02, 0.2] and all(p["lr_times_weight_decay"] == 0 for p in scores["points"])
-    for i, point in enumerate(scores["points"]):  # A.3: each point's held-out accuracy averaged over the seeds
+    scores = grid_scores(study, "p_t", run_states(study))
+    assert [p.lr_per_256 for p in scores.points] == [0.02, 0.2] and all(p.lr_times_weight_decay == 0 for p in scores.points)
+    for i, point in enumerate(scores.points):  # A.3: each point's held-out accuracy averaged over the seeds
         last = {s: scalars(folders["grid"][i, s])["val/acc1"][-1][1] for s in (0, 1)}
-        assert point["per_seed"] == pytest.approx(last, abs=1e-6)
-        assert point["held_out_accuracy"] == pytest.approx((last[0] + last[1]) / 2, abs=1e-6)
-    best = max(scores["points"], key=lambda p: p["held_out_accuracy"])
-    assert scores["chosen"] == best["point"]
+        assert point.per_seed == pytest.approx(last, abs=1e-6)
+        assert point.held_out_accuracy == pytest.approx((last[0] + last[1]) / 2, abs=1e-6)
+    best = max(scores.points, key=lambda p: p.held_out_accuracy)
+    assert scores.chosen == best.point
     for folder in folders["grid"].values():  # the grid's runs validate on a quarter of the training images, never the test set
         data = yaml.safe_load((folder / "config.yaml").read_text())["data"]["init_args"]
         assert data["validation_split"] == 0.25
     refit = yaml.safe_load((folders["p_t"] / "config.yaml").read_text())
     assert refit["data"]["init_args"].get("validation_split") is None  # refit on all of them, tested on the test set
-    assert refit["model"]["lr_per_256"] == best["lr_per_256"]
+    assert refit["model"]["lr_per_256"] == best.lr_per_256
 
 
 def test_the_study_analyses_its_fine_tuning_and_reports_it(fine_tuned):
@@ -313,13 +318,12 @@ def test_representations_match_cka_distance_and_errors_computed_by_hand(fine_tun
     networks = {n: load_network(n, str(f)).module for n, f in named.items()}
     data = data_module_of(folders["p_t"])  # the target's: the first pair's first run
     data.setup("validate")
-    data.batch_size_per_process = 48
     order = pass_images(data.labels("val"), 96, 0)[0]
     hsic = {k: np.zeros(6) for k in ("ab", "aa", "bb")}
     predictions, labels = {n: [] for n in networks}, []
     with torch.no_grad():
         for start in (0, 48):
-            [batch] = list(data.evaluation_dataloader("val", order[start:start + 48], local=True))
+            [batch] = list(data.evaluation_dataloader("val", order[start:start + 48], local=True, batch_size=48))
             images, y = data.on_after_batch_transfer(batch, 0)
             a, b = (by_hand(networks[n].eval_network, images) for n in ("p_t/seed0", "pretrain/seed0"))
             for i, layer in enumerate(found["layers"]):

@@ -9,14 +9,15 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from datamodules import block_permutation, shuffle_blocks
 from datamodules.beton import WriterSettings
 from datamodules.convert import folder
 from measurements.weight_space import interpolate, loss_barrier, module_criticality, parameter_distance, perturb
-from study.compare import recompute_batch_norm
-from study.transfer import Criticality, LossSums, check_grid, check_lambdas
-from study.compare import ComparisonError
+from study.criticality import Criticality
+from study.passes import LossSums
+from study.spec import StudyError, check_grid, check_lambdas
 from tests.helpers import ffcv_datamodule
 from tests.test_data import folder_datamodule
 
@@ -71,7 +72,7 @@ def test_parameter_distance_whole_and_per_module():
 def test_recomputed_batch_norm_moments_are_the_batches_mean_and_variance():
     net = bn_net(0)
     batches = [torch.randn(7, 3, 6, 6) + 2 for _ in range(3)]
-    recompute_batch_norm(net, batches)
+    update_bn(batches, net)
     conv = net[0]
     with torch.no_grad():
         outs = [conv(x) for x in batches]  # BN's input
@@ -163,13 +164,13 @@ def test_criticality_tells_a_critical_module_from_one_that_is_not():
 
 
 def test_empty_or_invalid_grids_are_refused_before_any_pass():
-    with pytest.raises(ComparisonError, match="lambda grid is empty"):
+    with pytest.raises(StudyError, match="lambda grid is empty"):
         check_lambdas([])
-    with pytest.raises(ComparisonError, match="must hold 0 and 1"):
+    with pytest.raises(StudyError, match="must hold 0 and 1"):
         check_lambdas([0.0, 0.5])
-    with pytest.raises(ComparisonError, match="sigma grid"):
+    with pytest.raises(StudyError, match="sigma grid"):
         check_grid([0.5, 1.0], [], 3)
-    with pytest.raises(ComparisonError, match="alpha grid"):
+    with pytest.raises(StudyError, match="alpha grid"):
         check_grid([], [0.1], 3)
 
 
@@ -305,7 +306,7 @@ def test_a_point_is_admissible_by_the_train_error_within_epsilon_of_the_final_ne
             brute = [(a / s) ** 2 * found["scaled_distance_sq"] for i, a in enumerate(module.alphas)
                      for j, s in enumerate(module.sigmas) if values[i, j] <= bound]
             assert found["criticality"] == (pytest.approx(min(brute)) if brute else None), (admissible, part)
-    with pytest.raises(ComparisonError, match="admissible"):
+    with pytest.raises(StudyError, match="admissible"):
         check_grid([1.0], [0.1], 3, "accuracy")
 
 
@@ -388,7 +389,7 @@ def test_block_shuffled_images_train_without_augmentation_by_default(tmp_path):
 def test_an_analysis_process_shuffles_blocks_with_the_runs_own_seed(tmp_path):
     import yaml
 
-    from study.compare import data_module_of
+    from study.passes import data_module_of
     from tests.helpers import write_indexed_beton
 
     path = write_indexed_beton(tmp_path / "d.beton", 8, num_classes=2)
@@ -408,7 +409,7 @@ def test_an_analysis_process_shuffles_blocks_with_the_runs_own_seed(tmp_path):
 
 
 def test_per_image_rows_are_the_same_whatever_order_the_batches_came_in():
-    from study.transfer import PerImage
+    from study.barriers import PerImage
 
     torch.manual_seed(0)
     batches = [(s, [torch.randn(5, 3) for _ in range(2)], torch.randint(0, 3, (5,))) for s in (0, 0, 1)]

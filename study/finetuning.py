@@ -1,9 +1,9 @@
 """The report's section on what is transferred (Neyshabur et al. 2020), from ``<report>/transfer.json``
-(``study.transfer.analyse_transfer``): fine-tuning P-T against RI-T (final test accuracy and loss, mean ± s.e.
-over seeds, and how fast each gets there), learning curves, block shuffling, which pre-training checkpoint
-transfers best, loss and error barriers, parameter distances and module criticality; each with its figure;
-the talk's tables between pairs of runs (CKA by stage, distance whole and per module, where they err; absent from
-a transfer.json written before them); and a plain statement of which of the talk's findings these runs show.
+(``analyse.analyse_transfer``): fine-tuning P-T against RI-T (final test accuracy and loss, mean ± s.e. over seeds,
+and how fast each gets there), learning curves, block shuffling, which pre-training checkpoint transfers best, the
+grids' choices, Table 2 of Kornblith et al. (fine-tuned accuracy by pre-training objective); then the barriers',
+criticality's and the talk's tables (``barriers``, ``criticality``, ``cka``); and a plain statement of which of the
+talk's findings these runs show.
 """
 
 from __future__ import annotations
@@ -14,12 +14,16 @@ from typing import Optional
 
 import numpy as np
 
-from .report import ALPHA, T_TEST, T_TESTS, Cell, _pyplot, anova_objective_p, column, save_figure
+from .barriers import barrier_findings, barrier_lines, figure_barriers
+from .cka import representation_findings, representation_lines
+from .criticality import criticality_findings, criticality_lines, figure_criticality
+from .plotting import pyplot, save_figure
+from .statistics import ALPHA, T_TEST, T_TESTS, Cell, anova_objective_p, column
 
-__all__ = ["transfer_section", "steps_to_reach", "representation_lines"]
+__all__ = ["FRACTION", "compared", "findings", "main_arms", "steps_to_reach", "table_two", "transfer_section"]
 
 FRACTION = 0.9  # training speed: the first step at which test accuracy reaches this fraction of the run's final
-BASIN = 0.01  # one basin: a test error barrier below 1 %, decided on its bootstrap interval
+KIND = {"P-T": "P-T", "RI-T": "RI-T", "pre-training": "P"}  # the talk's names of the runs
 
 
 def steps_to_reach(curve: list[tuple[int, float]], fraction: float = FRACTION) -> Optional[int]:
@@ -36,21 +40,6 @@ def _groups(runs: list[dict]) -> dict[str, list[dict]]:
         if run["kind"] != "pre-training" and not run.get("validation_split") and run["curve"]["accuracy"]:
             groups.setdefault(run["experiment"], []).append(run)
     return groups
-
-
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    se = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
-    return float(np.mean(values)), se
-
-
-def _cell(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
-    mean, se = _mean_se(values)
-    if math.isnan(mean):
-        return "–"
-    return f"{mean * scale:.{digits}f}" + (f" ± {se * scale:.{digits}f}" if not math.isnan(se) else "")
 
 
 def _summary(group: list[dict]) -> dict:
@@ -80,9 +69,9 @@ def transfer_section(transfer: dict, out: Path, t_test: str = T_TEST) -> tuple[l
         block = first["block_shuffle"] or "none"
         tuned = " (grid)" if name in transfer.get("grids", {}) else " (fixed)"
         lines.append(f"| {name} | {first['target']} | {first['kind']} | {epoch} | {block} | {first.get('hyper', '?')}{tuned} | {len(group)} | "
-                     f"{_cell(s['acc'], 100)} | "
-                     f"{_cell(s['loss'], 1, 3)} | {_cell(s['speed'], 1, 0)} | "
-                     f"{_cell([r.get('distance_from_start') for r in group], 1, 2)} |")
+                     f"{Cell.of(s['acc']).text(100)} | "
+                     f"{Cell.of(s['loss']).text(1, 3)} | {Cell.of(s['speed']).text(1, 0)} | "
+                     f"{Cell.of([r.get('distance_from_start') for r in group]).text(1, 2)} |")
     lines.append("")
     figures = [figure_learning_curves(groups, out / "figure_transfer_learning_curves.png"),
                figure_block_shuffle(groups, summaries, out / "figure_transfer_block_shuffle.png"),
@@ -96,7 +85,7 @@ def transfer_section(transfer: dict, out: Path, t_test: str = T_TEST) -> tuple[l
     if transfer["barriers"]:
         figures.append(figure_barriers(transfer["barriers"], out / "figure_transfer_barriers.png"))
     lines += criticality_lines(transfer["criticality"])
-    lines += representation_lines(transfer.get("representations"), transfer["runs"])
+    lines += representation_lines(transfer.get("representations"), _kinds(transfer))
     if transfer["criticality"]:
         figures.append(figure_criticality(transfer["criticality"], out / "figure_transfer_criticality.png"))
     lines += findings(groups, summaries, transfer)
@@ -172,7 +161,7 @@ def checkpoint_lines(groups: dict, summaries: dict, probes: dict) -> list[str]:
              "| epoch | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
     for epoch in epochs:
         names = [n for e, n in tuned if e == epoch]
-        cells = [", ".join(f"{_cell(summaries[n]['acc'], 100)} ({n})" for n in names) or "–"]
+        cells = [", ".join(f"{Cell.of(summaries[n]['acc']).text(100)} ({n})" for n in names) or "–"]
         for run, tag in columns:
             value = next((r["probes"].get(tag) for r in probes[run] if r["epoch"] == epoch), None)
             cells.append("–" if value is None else f"{100 * value:.1f}")
@@ -212,7 +201,7 @@ def table_two(runs: list[dict], test: str = T_TEST) -> list[str]:
         cells = []
         for t in targets:
             cell = columns[t].get(o)
-            text = "–" if cell is None else f"{cell.mean:.1f}" + (f" ± {cell.se:.1f}" if len(cell.values) > 1 else "")
+            text = "–" if cell is None else cell.text()
             cells.append(f"**{text}**" if cell is not None and cell.bold else text)
         if average:
             p = None if o == best else anova_objective_p(rows(o) + rows(best))
@@ -222,166 +211,11 @@ def table_two(runs: list[dict], test: str = T_TEST) -> list[str]:
     return lines + [""]
 
 
-def barrier_lines(barriers: list[dict]) -> list[str]:
-    if not barriers:
-        return []
-    first = barriers[0]["recomputed"]["test"]
-    lines = ["### Loss and error barriers along θ(λ) = (1−λ)θ₀ + λθ₁", "",
-             "B = max over λ in [0, 1] of L(θ_λ) − ((1−λ)L(θ₀) + λL(θ₁)), on "
-             f"{first.get('images', '?')} test images drawn class-balanced, the error in the target's measure "
-             f"({barriers[0].get('measure', 'top1')}); in square brackets the 95 % bootstrap interval over the images. "
-             "Batch-norm moments recomputed at every λ on the same training images (the protocol); in round brackets, "
-             "with the moments interpolated instead (what two public codes do).", "",
-             "| pair | test loss barrier | test error barrier (%) | train loss barrier | ‖θ₀ − θ₁‖₂ |", "|---|---|---|---|---|"]
-    for b in barriers:
-        r, i = b["recomputed"], b["interpolated"]
-        lines.append(f"| {b['a']} – {b['b']} | {r['test']['loss_barrier']:.3f} {_interval(r['test'], 'loss')} "
-                     f"({i['test']['loss_barrier']:.3f}) | {100 * r['test']['error_barrier']:.1f} "
-                     f"{_interval(r['test'], 'error', 100, 1)} ({100 * i['test']['error_barrier']:.1f}) | "
-                     f"{r['train']['loss_barrier']:.3f} ({i['train']['loss_barrier']:.3f}) | {b['distance']['all']:.2f} |")
-    return lines + [""]
-
-
-def _interval(split: dict, name: str, scale: float = 1.0, digits: int = 3) -> str:
-    found = split.get(f"{name}_barrier_interval")
-    return "" if not found else f"[{scale * found[0]:.{digits}f}, {scale * found[1]:.{digits}f}]"
-
-
-def one_basin(split: dict) -> Optional[bool]:
-    """One basin when the 95 % interval of the test error barrier lies below 1 % (True), separated by a barrier when
-    it lies above (False); None when the interval holds 1 % (these images cannot tell)."""
-    low, high = split.get("error_barrier_interval") or (split["error_barrier"],) * 2
-    slack = 1e-9  # errors are 1 - accuracy: 5 of 500 images come out as 0.010000000000000009
-    return True if high <= BASIN + slack else (False if low > BASIN + slack else None)
-
-
-def criticality_lines(found: list[dict]) -> list[str]:
-    if not found:
-        return []
-    parts = list(found[0]["modules"])
-    c0 = found[0]
-    rule = (f"the mean train 0-1 error ({c0.get('measure', 'top1')}) over the draws is at most the final network's + "
-            f"{c0['epsilon']}" if c0.get("admissible", "loss") == "error" else
-            f"the mean train loss over the draws is at most (1 + {c0['epsilon']}) × the final network's (the public "
-            f"implementation's rule, not the definition's)")
-    lines = ["### Module criticality (Chatterji et al. 2020)", "",
-             "μ_i = min over admissible (α, σ) of α² Σ_t ‖θ_t^F − θ_t^0‖²_F / (σ s_t)²: every tensor t of module i gets noise "
-             "of std σ s_t, s_t its RMS (noise proportional to each weight matrix's Frobenius norm), and μ divides by that "
-             f"std; admissible when {rule}, over {c0['draws']} noise draws; modules: "
-             f"{'each convolution or linear layer with its batch norm' if c0.get('modules_by') == 'layers' else 'blocks'}; "
-             "'>' where no point of the grid was admissible. Below each μ: the test error (%) with that module alone "
-             "rewound to its starting weights.", "",
-             "| module | " + " | ".join(c["run"] for c in found) + " |", "|---|" + "---|" * len(found)]
-    for part in parts:
-        cells = []
-        for c in found:
-            m = c["modules"].get(part)
-            if m is None:
-                cells.append("–")
-                continue
-            mu = "> grid" if m["criticality"] is None else f"{m['criticality']:.3g}"
-            cells.append(f"{mu} / {100 * m['rewound_test_error']:.0f} %")
-        lines.append(f"| {part} | " + " | ".join(cells) + " |")
-    totals = ["–" if c["network_criticality"] is None else f"{c['network_criticality']:.3g}" for c in found]
-    lines.append("| network Σμ | " + " | ".join(totals) + " |")
-    return lines + [""]
-
-
-KIND = {"P-T": "P-T", "RI-T": "RI-T", "pre-training": "P"}  # the talk's names of the runs
-
-
-def _kinds(runs: list[dict]) -> dict[str, str]:
-    """Each run's kind in the talk's words: P (pre-training), P-T, RI-T."""
-    return {r["run"]: KIND.get(r["kind"], r["kind"]) for r in runs}
-
-
-def _pair_kind(pair: dict, kinds: dict[str, str]) -> str:
-    return f"{kinds.get(pair['a'], '?')} & {kinds.get(pair['b'], '?')}"
-
-
-def representation_lines(found: Optional[dict], runs: list[dict]) -> list[str]:
-    """The talk's three tables between pairs of runs (``study.transfer.representations``): CKA of each stage with the
-    same stage of the other network; ℓ2 distance whole and per module, naming what was left out; and, between runs
-    with the target's head, prediction agreement and who alone is right. [] without them (an older transfer.json)."""
-    if not found:
-        return []
-    lines = ["### Representations, distances and mistakes between runs (the talk's tables)", ""]
-    if found.get("skipped"):
-        lines += [f"Pairs not computed, a run is not finished: {', '.join(' – '.join(p) for p in found['skipped'])}.", ""]
-    pairs = found.get("pairs") or []
-    if not pairs:
-        return lines
-    kinds = _kinds(runs)
-    read = found.get("images") or {}
-    val = read.get("val") or {}
-    images = (f"{val.get('images', '?')} test images of {found.get('images_of', '?')}'s target ({val.get('classes', '?')} "
-              f"classes), drawn class-balanced from seed {read.get('seed', '?')}")
-    layers = found.get("layers") or list(pairs[0]["cka"])
-    lines += [f"Linear CKA (minibatch, unbiased HSIC) of each stage with the same stage of the other network: the stem's "
-              f"output, each block, the penultimate features; on {images}. The talk: P-T models are similar to each "
-              "other and to P in the lower layers, RI-T models are not, even to each other.", "",
-              "| pair | kinds | " + " | ".join(layers) + " |", "|---|---|" + "---|" * len(layers)]
-    for pair in pairs:
-        cells = ["–" if pair["cka"].get(layer) is None else f"{pair['cka'][layer]:.3f}" for layer in layers]
-        lines.append(f"| {pair['a']} – {pair['b']} | {_pair_kind(pair, kinds)} | " + " | ".join(cells) + " |")
-    modules = list(dict.fromkeys(m for pair in pairs for m in pair["distance"] if m != "all"))
-    lines += ["", "‖θ_a − θ_b‖₂ of the evaluated weights, whole network and per module, over the parameters both "
-              "networks hold with equal shapes; those left out (a head of other classes) are named, and a row that leaves "
-              "some out has its 'all' over the rest. The talk: two P-T models are much closer to each other than two "
-              "RI-T models.", "",
-              "| pair | kinds | all | " + " | ".join(modules) + " | left out |", "|---|---|---|" + "---|" * (len(modules) + 1)]
-    for pair in pairs:
-        d = pair["distance"]
-        cells = ["–" if d.get(m) is None else f"{d[m]:.2f}" for m in modules]
-        lines.append(f"| {pair['a']} – {pair['b']} | {_pair_kind(pair, kinds)} | {d['all']:.2f} | " + " | ".join(cells)
-                     + f" | {', '.join(pair.get('left_out') or []) or 'none'} |")
-    judged = [pair for pair in pairs if pair.get("errors")]
-    if judged:
-        lines += ["", f"Where the runs err, on the same {val.get('images', '?')} test images: agreement, the fraction "
-                  "predicted alike; same mistake, among the images both get wrong, the fraction with the same wrong "
-                  "class; and who is right: both, a (the pair's first) alone, b alone, neither (these four sum to 100 %). "
-                  "Pairs with a head of other classes (P) have no row. The talk: P-T models make similar mistakes (two "
-                  "of them agree more and share more mistakes than two RI-T models).", "",
-                  "| pair | kinds | agreement (%) | same mistake (%) | both right (%) | a alone (%) | b alone (%) | "
-                  "both wrong (%) |", "|---|---|---|---|---|---|---|---|"]
-        for pair in judged:
-            e = pair["errors"]
-            same = "–" if e["shared_wrong"] is None or math.isnan(e["shared_wrong"]) else f"{100 * e['shared_wrong']:.1f}"
-            lines.append(f"| {pair['a']} – {pair['b']} | {_pair_kind(pair, kinds)} | {100 * e['agreement']:.1f} | {same} | "
-                         f"{100 * e['both_right']:.1f} | {100 * e['a_right_alone']:.1f} | {100 * e['b_right_alone']:.1f} | "
-                         f"{100 * e['both_wrong']:.1f} |")
-    return lines + [""]
-
-
-def representation_findings(found: Optional[dict], runs: list[dict]) -> list[str]:
-    """The talk's three findings between runs, each said as these runs' numbers come out: two P-T runs against two
-    RI-T runs, by the mean over the pairs of each kind."""
-    pairs = (found or {}).get("pairs") or []
-    if not pairs:  # an older transfer.json, or no pair finished: nothing to say, and nothing of the runs needed
-        return []
-    kinds = _kinds(runs)
-    by_kind: dict[str, list[dict]] = {}
-    for pair in pairs:
-        by_kind.setdefault(_pair_kind(pair, kinds), []).append(pair)
-    pt, rit = by_kind.get("P-T & P-T", []), by_kind.get("RI-T & RI-T", [])
-    if not pt or not rit:
-        return []
-    mean = lambda rows, value: float(np.mean([value(r) for r in rows]))  # noqa: E731
-    lines = []
-    lowest = (found.get("layers") or list(pairs[0]["cka"]))[0]
-    a, b = mean(pt, lambda r: r["cka"][lowest]), mean(rit, lambda r: r["cka"][lowest])
-    to_p = [r for k, rows in by_kind.items() if k in ("P-T & P", "P & P-T") for r in rows]
-    with_p = f", P-T & P {mean(to_p, lambda r: r['cka'][lowest]):.3f}" if to_p else ""
-    lines.append(f"- CKA of the {lowest}: P-T & P-T {a:.3f}{with_p}, RI-T & RI-T {b:.3f}: two P-T runs are "
-                 f"{'more' if a > b else 'not more'} alike in the lowest layer than two RI-T runs.")
-    a, b = mean(pt, lambda r: r["distance"]["all"]), mean(rit, lambda r: r["distance"]["all"])
-    lines.append(f"- ‖θ_a − θ_b‖₂: P-T & P-T {a:.2f}, RI-T & RI-T {b:.2f}: two P-T runs are {'closer' if a < b else 'not closer'} "
-                 f"to each other than two RI-T runs.")
-    if all(r.get("errors") for r in pt + rit):
-        a, b = mean(pt, lambda r: r["errors"]["agreement"]), mean(rit, lambda r: r["errors"]["agreement"])
-        lines.append(f"- Prediction agreement: P-T & P-T {100 * a:.1f} %, RI-T & RI-T {100 * b:.1f} %: two P-T runs "
-                     f"{'agree more' if a > b else 'do not agree more'} than two RI-T runs.")
-    return lines
+def _kinds(transfer: dict) -> dict[str, str]:
+    """Each run's kind in the talk's words, P (pre-training), P-T, RI-T, where the talk's tables name runs."""
+    if not transfer.get("representations"):
+        return {}
+    return {r["run"]: KIND.get(r["kind"], r["kind"]) for r in transfer["runs"]}
 
 
 def findings(groups: dict, summaries: dict, transfer: dict) -> list[str]:
@@ -424,27 +258,14 @@ def findings(groups: dict, summaries: dict, transfer: dict) -> list[str]:
             best = max(points, key=lambda p: p[1])
             lines.append(f"- {run}'s linear probe on {tag.split('/')[1]} is best at epoch {best[0]} ({100 * best[1]:.1f} %; "
                          f"epoch {points[-1][0]}: {100 * points[-1][1]:.1f} %).")
-    for b in transfer["barriers"]:
-        r, i = b["recomputed"]["test"], b["interpolated"]["test"]
-        basin = {True: f"one basin (the 95 % interval of the test error barrier lies below {BASIN:.0%})",
-                 False: f"separated by a barrier (the 95 % interval of the test error barrier lies above {BASIN:.0%})",
-                 None: f"undecided (the 95 % interval of the test error barrier holds {BASIN:.0%}: more images would tell)"}
-        lines.append(f"- {b['a']} and {b['b']}: {basin[one_basin(r)]}; test loss barrier {r['loss_barrier']:.3f}, error "
-                     f"barrier {100 * r['error_barrier']:.1f} % {_interval(r, 'error', 100, 1)} (with interpolated batch-norm "
-                     f"moments {i['loss_barrier']:.3f} and {100 * i['error_barrier']:.1f} %).")
-    for c in transfer["criticality"]:
-        mus = [(p, m["criticality"]) for p, m in c["modules"].items()]
-        known = [(p, mu) for p, mu in mus if mu is not None]
-        if known:
-            low, high = min(known, key=lambda x: x[1]), max(known, key=lambda x: x[1])
-            order = " < ".join(p for p, _ in sorted(known, key=lambda x: x[1]))
-            lines.append(f"- {c['run']}: modules from least to most critical: {order} (μ from {low[1]:.3g} to {high[1]:.3g})"
-                         f"{'; beyond the grid: ' + ', '.join(p for p, mu in mus if mu is None) if len(known) < len(mus) else ''}.")
-    lines += representation_findings(transfer.get("representations"), transfer["runs"])
+    lines += barrier_findings(transfer["barriers"])
+    lines += criticality_findings(transfer["criticality"])
+    lines += representation_findings(transfer.get("representations"), _kinds(transfer))
     return lines + [""]
 
 
 # --- figures ---
+
 
 def figure_learning_curves(groups: dict, path: Path) -> Optional[Path]:
     """Test accuracy and loss against the fine-tuning step of every un-shuffled arm, a row of panels per target."""
@@ -452,7 +273,7 @@ def figure_learning_curves(groups: dict, path: Path) -> Optional[Path]:
     if not plain:
         return None
     targets = list(dict.fromkeys(g[0]["target"] for g in plain.values()))
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(targets), 2, figsize=(10, 4 * len(targets)), squeeze=False)
     for name, group in plain.items():
         row = axes[targets.index(group[0]["target"])]
@@ -477,7 +298,7 @@ def figure_block_shuffle(groups: dict, summaries: dict, path: Path) -> Optional[
     if not targets:
         return None
     groups = {n: g for n, g in compared(groups).items() if g[0]["target"] in targets}  # un-shuffled points of the same target
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for kind, style in (("P-T", "o-"), ("RI-T", "s--")):
         points = []
@@ -505,10 +326,10 @@ def figure_checkpoint_choice(groups: dict, summaries: dict, probes: dict, path: 
     tuned = _from_checkpoints(groups)
     if len(tuned) < 2 and not any(len(rows) > 1 for rows in probes.values()):
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     if tuned:
-        means = [_mean_se(summaries[n]["acc"]) for _, n in tuned]
+        means = [(cell.mean, cell.se) for _, n in tuned for cell in [Cell.of(summaries[n]["acc"])]]
         ax.errorbar([e for e, _ in tuned], [m for m, _ in means], yerr=[0 if math.isnan(s) else s for _, s in means],
                     fmt="o-", capsize=3, label="fine-tuned (P-T)")
     for run, rows in probes.items():
@@ -523,39 +344,3 @@ def figure_checkpoint_choice(groups: dict, summaries: dict, probes: dict, path: 
     return save_figure(fig, path)
 
 
-def figure_barriers(barriers: list[dict], path: Path) -> Path:
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
-    for k, b in enumerate(barriers):
-        for row, metric in enumerate(("loss", "error")):
-            for col, split in enumerate(("test", "train")):
-                ax = axes[row, col]
-                ax.plot(b["lambdas"], b["recomputed"][split][metric], "-", color=f"C{k}", label=f"{b['a']} – {b['b']}")
-                ax.plot(b["lambdas"], b["interpolated"][split][metric], ":", color=f"C{k}")
-                ax.set(title=f"{split} {metric}", xlabel="λ" if row else None)
-                ax.axvline(0, color="grey", lw=0.5)
-                ax.axvline(1, color="grey", lw=0.5)
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle("Along θ(λ): BN moments recomputed (solid) or interpolated (dotted)")
-    return save_figure(fig, path)
-
-
-def figure_criticality(found: list[dict], path: Path) -> Path:
-    plt = _pyplot()
-    parts = list(found[0]["modules"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.8 / len(found)
-    for k, c in enumerate(found):
-        x = np.arange(len(parts)) + k * width
-        mu = [c["modules"][p]["criticality"] for p in parts]
-        top = max([m for m in mu if m is not None] or [1.0])
-        axes[0].bar(x, [m if m is not None else top * 10 for m in mu], width, label=c["run"],
-                    hatch=None, color=f"C{k}", alpha=0.85)
-        axes[1].bar(x, [100 * c["modules"][p]["rewound_test_error"] for p in parts], width, label=c["run"], color=f"C{k}")
-    for ax in axes:
-        ax.set_xticks(np.arange(len(parts)) + 0.4 - width / 2, parts, rotation=90, fontsize=6)
-    axes[0].set_yscale("symlog", linthresh=1)  # mu = 0 (the module rewound at no cost) stays visible as 0
-    axes[0].set(ylabel="module criticality μ", title="criticality by module (beyond the grid: 10x the largest)")
-    axes[1].set(ylabel="test error (%) with the module rewound", title="rewinding one module")
-    axes[0].legend(fontsize=7)
-    return save_figure(fig, path)
