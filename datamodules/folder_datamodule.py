@@ -130,19 +130,6 @@ class ImageFolderDataModule(ImageClassificationData):
 
         return EpochAlignedLoader(loader, self, before_epoch, train)
 
-    def train_dataloader(self):
-        return self._loader("train", train=True)
-
-    def val_dataloader(self):
-        return self._loader("val", train=False)
-
-    def test_dataloader(self):
-        return self._loader("val", train=False)
-
-    def evaluation_dataloader(self, source: str, subset: Optional[np.ndarray] = None, crop_ratio: Optional[float] = None,
-                              local: bool = False, batch_size: Optional[int] = None) -> EpochAlignedLoader:
-        return self._loader(source, train=False, subset=subset, crop_ratio=crop_ratio, local=local, batch_size=batch_size)
-
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels, skipped = batch
         self.skipped_images += int(skipped)

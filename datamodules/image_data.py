@@ -205,17 +205,32 @@ class ImageClassificationData(L.LightningDataModule):
         (transfer probes use them when a config names none)."""
         return {}
 
+    def _loader(self, source: str, train: bool, subset: Optional[np.ndarray] = None, crop_ratio: Optional[float] = None,
+                local: bool = False, batch_size: Optional[int] = None) -> EpochAlignedLoader:
+        """Batches of ``source``: augmented, shuffled and sharded across processes (``epoch_shard``) when ``train``;
+        else as ``evaluation_dataloader`` says."""
+        raise NotImplementedError
+
+    # --- shared ---
+
+    def train_dataloader(self) -> EpochAlignedLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> EpochAlignedLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> EpochAlignedLoader:
+        return self._loader("val", train=False)
+
     def evaluation_dataloader(self, source: str, subset: Optional[np.ndarray] = None, crop_ratio: Optional[float] = None,
-                              local: bool = False, batch_size: Optional[int] = None) -> Iterable:
+                              local: bool = False, batch_size: Optional[int] = None) -> EpochAlignedLoader:
         """Batches of ``source`` (as in ``labels``) without augmentation: a centre crop of ``crop_ratio`` of
         the shorter side resized to ``image_size`` (by default validation's, ``image_size / val_resize``;
         1.0 keeps the whole shorter side, as transfer probes do, appendix A.2). Only the samples ``subset``
         (all by default), in order; each is read by exactly one process, or with ``local`` this process
         reads all of ``subset`` (its own share, chosen by the caller); in batches of ``batch_size`` (by default
         training's per process). Measurements use it for fixed training subsets and for transfer data sets."""
-        raise NotImplementedError
-
-    # --- shared ---
+        return self._loader(source, train=False, subset=subset, crop_ratio=crop_ratio, local=local, batch_size=batch_size)
 
     def labels(self, source: str) -> np.ndarray:
         """Every label of ``source`` as the loaders see it ("train" and "val" after ``validation_split``)."""

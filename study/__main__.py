@@ -30,7 +30,7 @@ from .criticality import criticality as criticality_pass
 from .criticality import figure_criticality
 from .launch import prepare_data, run_locally, submit_to_slurm
 from .passes import ComparisonError, pass_trainer
-from .plan import GridUnfinished, selected
+from .plan import GridUnfinished, with_chosen_point
 from .report import ReportError, write_report
 from .runs import collect, collect_folder, run_states
 from .spec import Study, StudyError, TransferPlan, check_grid, check_lambdas
@@ -96,7 +96,7 @@ def fit_args(study: str, run: str) -> None:
     chosen = spec.find_run(run)
     grid = spec.grids.get(chosen.experiment)  # a refit reads its grid's runs; a task plans those, not the study
     states = run_states(spec, {p.experiment for p in grid.points}) if grid else {}
-    sys.stdout.write("\0".join(selected(spec, chosen, states).fit_args()))
+    sys.stdout.write("\0".join(with_chosen_point(spec, chosen, states).fit_args()))
 
 
 def analyse(study: str, accelerator: str = "auto", devices: str = "auto", num_nodes: int = 1) -> None:

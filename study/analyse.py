@@ -88,14 +88,14 @@ def analyse_transfer(study: Study, trainer: L.Trainer, states: dict[str, RunStat
     done = {name: folder for name, folder in folders.items() if finished(folder) is not None}
 
     sources = frozenset(source for folder in done.values() if (source := pretraining_source(folder)) is not None)
-    results = {"runs": [finetuning_record(r.name, r.experiment, r.seed, folders[r.name], sources)
-                        for r in study.runs if r.name in done],
+    records = [finetuning_record(r.name, r.experiment, r.seed, folders[r.name], sources) for r in study.runs if r.name in done]
+    for record in records:  # how far training moved each run from where it started
+        start = done[record.run] / "checkpoints" / "epoch000.ckpt"
+        record.distance_from_start = distance(str(done[record.run]), str(start))["all"] if start.is_file() else None
+    results = {"runs": [asdict(record) for record in records],
                "missing": sorted(set(folders) - set(done)), "barriers": [], "criticality": [],
                "grids": {name: asdict(grid_scores(study, name, states)) for name in study.grids}}
     results["checkpoint_probes"] = {name: rows for name, folder in done.items() if (rows := checkpoint_probes(folder))}
-    for record in results["runs"]:  # how far training moved each run from where it started
-        start = done[record["run"]] / "checkpoints" / "epoch000.ckpt"
-        record["distance_from_start"] = distance(str(done[record["run"]]), str(start))["all"] if start.is_file() else None
     common = dict(images=plan.images, batch_size=plan.batch_size, seed=plan.seed, trainer=trainer)
     for a, b in plan.pairs:
         if a in done and b in done:

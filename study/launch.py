@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from .passes import instantiate_data
-from .plan import GridUnfinished, selected, stages
+from .plan import GridUnfinished, with_chosen_point, stages
 from .runs import RunState
 from .spec import Study
 
@@ -52,7 +52,7 @@ def run_locally(study: Study, states: dict[str, RunState], timings: Optional[dic
     for number, state in enumerate(todo, 1):
         verb = "resuming" if state.state == "unfinished" else "starting"
         try:
-            run = selected(study, state.run, states)
+            run = with_chosen_point(study, state.run, states)
         except GridUnfinished as err:
             print(f"\n[{number}/{len(todo)}] {err}", flush=True)
             failed.append(state)

@@ -15,7 +15,7 @@ from lightning_modules.classifier import accuracy_tag
 from .runs import RunState, run_measure, scalar_curves
 from .spec import Run, Study, StudyError
 
-__all__ = ["GridScores", "GridUnfinished", "PointScore", "grid_scores", "selected", "stages"]
+__all__ = ["GridScores", "GridUnfinished", "PointScore", "grid_scores", "stages", "with_chosen_point"]
 
 
 class GridUnfinished(RuntimeError):
@@ -95,7 +95,7 @@ def grid_scores(study: Study, experiment: str, states: dict[str, RunState]) -> G
     return GridScores(points, chosen, grid.validation_split)
 
 
-def selected(study: Study, run: Run, states: dict[str, RunState]) -> Run:
+def with_chosen_point(study: Study, run: Run, states: dict[str, RunState]) -> Run:
     """``run`` with its grid's chosen learning rate and weight decay when its experiment is refit from a grid."""
     if run.experiment not in study.grids:
         return run

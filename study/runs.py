@@ -29,9 +29,9 @@ from lightning_modules.classifier import accuracy_tag
 from .passes import checkpoint_hparams, run_folder_of
 from .spec import SEED, Run, Study, parse_run_name
 
-__all__ = ["Collected", "MixedConfigs", "RunResult", "RunState", "checkpoint_probes", "collect", "collect_folder",
-           "finetuning_record", "group_experiments", "pretraining_source", "run_config", "run_measure", "run_states",
-           "scalar_curves"]
+__all__ = ["Collected", "FineTuningRecord", "MixedConfigs", "RunResult", "RunState", "checkpoint_probes", "collect",
+           "collect_folder", "finetuning_record", "group_experiments", "pretraining_source", "run_config", "run_measure",
+           "run_states", "scalar_curves"]
 
 SEED_KEYS = ("seed_everything",)  # what may differ between the runs of one experiment
 
@@ -217,8 +217,29 @@ def _without_seed(config: dict) -> dict:
 
 # --- fine-tuning runs: what the transfer analysis reads ---
 
+RunKind = Literal["P-T", "RI-T", "pre-training"]
 
-def finetuning_record(name: str, experiment: str, seed: int, folder: Path, sources: frozenset[Path] = frozenset()) -> dict:
+
+@dataclass
+class FineTuningRecord:
+    """One finished run as the transfer section reads it (transfer.json's ``runs``, via ``asdict``)."""
+    run: str
+    experiment: str
+    seed: int
+    kind: RunKind
+    pretraining_epoch: Optional[int]  # of the checkpoint a P-T run starts from
+    hyper: str  # its lr and weight decay, in words
+    pretraining_objective: Optional[str]
+    target: str
+    measure: str
+    block_shuffle: Optional[int]
+    validation_split: Optional[float]  # set on a grid point's runs: held-out images, not the test set
+    curve: dict[str, list[tuple[int, float]]]  # test accuracy and loss along the steps
+    distance_from_start: Optional[float] = None  # ||theta - theta at epoch 0||, where epoch000.ckpt was kept
+
+
+def finetuning_record(name: str, experiment: str, seed: int, folder: Path,
+                      sources: frozenset[Path] = frozenset()) -> FineTuningRecord:
     """What the report needs of one run: its kind (P-T: ``model.init_from`` set; pre-training: a run that ``sources``,
     the run folders other runs start from, holds, or one on the warm-up-exponential schedule of pre-training; else
     RI-T, a run from random initialisation), the pre-training epoch it started from, its block size, and its test
@@ -249,9 +270,8 @@ def finetuning_record(name: str, experiment: str, seed: int, folder: Path, sourc
     target = data.get("task") or Path(str(data.get("train_path") or data.get("train_root") or "target")).stem.removesuffix("_train")
     decay = model.get("lr_times_weight_decay")
     hyper = f"lr/256 {model.get('lr_per_256')}, " + (f"lr×wd {decay:g}" if decay is not None else f"wd {model.get('weight_decay')}")
-    return {"run": name, "experiment": experiment, "seed": seed, "kind": kind, "pretraining_epoch": epoch, "hyper": hyper,
-            "pretraining_objective": objective, "target": target, "measure": measure or "top1",
-            "block_shuffle": data.get("block_shuffle"), "validation_split": data.get("validation_split"), "curve": curve}
+    return FineTuningRecord(name, experiment, seed, kind, epoch, hyper, objective, target, measure or "top1",
+                            data.get("block_shuffle"), data.get("validation_split"), curve)
 
 
 def pretraining_source(folder: Path) -> Optional[Path]:

@@ -21,7 +21,7 @@ from study.cka import representations
 from study.criticality import criticality
 from study.passes import (ComparisonError, Loaded, Logits, check_comparable, data_module_of, distance, load_network, pass_images,
                           shared_distance)
-from study.plan import grid_scores, selected
+from study.plan import grid_scores, with_chosen_point
 from study.runs import run_states
 from study.spec import Study, StudyError
 
@@ -68,7 +68,7 @@ def fine_tuned(tmp_path_factory, shapes_root):
     study = Study.load(transfer_study(root, shapes_root))
     states = run_states(study)
     for run in study.runs:  # as the study runs them: the grid first, then p_t refit at its best point
-        cli.main(["fit", *selected(study, run, states).config_args()])
+        cli.main(["fit", *with_chosen_point(study, run, states).config_args()])
     folders = {name: state.folder for name, state in states.items()}
     pretrained = folders["pretrain/seed0"] / "checkpoints" / "last.ckpt"
     return pretrained, {"p_t": folders["p_t/seed0"], "p_t_seed1": folders["p_t/seed1"], "ri_t": folders["ri_t/seed0"],
