@@ -14,7 +14,6 @@ from typing import Optional
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from jsonargparse import lazy_instance
 
@@ -22,7 +21,7 @@ import compat
 from callbacks import Preemption
 from callbacks.checkpoints import RunCheckpoints
 from callbacks.preemption import Preempted
-from callbacks.run_config import RunConfig, name_run
+from callbacks.run_config import RunConfig, RunLogger, is_tensorboard, name_run
 from datamodules import ImageClassificationData
 from lightning_modules import ObjectiveClassifier
 from lightning_modules.atomic_checkpoint import AtomicCheckpointIO
@@ -103,7 +102,7 @@ _kept_parser: Optional[_ParseOnly] = None
 def run_folder(config) -> Path:
     """The folder a ``fit_config`` runs in (``callbacks.run_config.name_run``)."""
     logger = config.trainer.logger
-    if not hasattr(logger, "init_args") or not str(logger.class_path).endswith("TensorBoardLogger"):
+    if not is_tensorboard(logger):
         raise ValueError(f"A study needs a TensorBoardLogger to name its runs' folders, got {logger}.")
     return Path(logger.init_args.save_dir) / logger.init_args.name / logger.init_args.version
 
@@ -124,7 +123,7 @@ def default_precision(precision, accelerator, gpu_has_bf16: Optional[bool] = Non
 def trainer_defaults() -> dict:
     return {
         "benchmark": True,  # cuDNN picks the fastest convolution algorithms for the shapes in use (GPU only)
-        "logger": lazy_instance(TensorBoardLogger, save_dir="runs"),
+        "logger": lazy_instance(RunLogger, save_dir="runs"),  # its signature is read without its source (RunLogger)
         "callbacks": [Preemption()],
     }
 

@@ -6,5 +6,6 @@ from .measurement import MeasurementCallback
 from .preemption import Preemption
 from .representation import RepresentationMeasurements
 from .probes import TransferData, TransferProbes
+from .run_config import RunLogger
 
-__all__ = ["MeasurementCallback", "Preemption", "RepresentationMeasurements", "TransferData", "TransferProbes"]
+__all__ = ["MeasurementCallback", "Preemption", "RepresentationMeasurements", "RunLogger", "TransferData", "TransferProbes"]

@@ -16,16 +16,19 @@ hardware or extended by more epochs, keeps its fingerprint.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_modules.objectives import objective_name
 
-__all__ = ["RunConfig", "RunFolderError", "config_differences", "fingerprint", "name_run", "objective_slug"]
+__all__ = ["RunConfig", "RunFolderError", "RunLogger", "config_differences", "fingerprint", "is_tensorboard", "name_run",
+           "objective_slug"]
 
 DEFAULT_NAME = "lightning_logs"  # TensorBoardLogger's name when a config gives none
 DEFAULT_SAVE_DIR = "runs"  # cli.trainer_defaults' logger
@@ -57,10 +60,37 @@ def objective_slug(objective: Any) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", objective_name(objective)).lower()
 
 
+class RunLogger(TensorBoardLogger):
+    """Lightning's TensorBoardLogger with every argument spelled out (SummaryWriter's ``max_queue`` and ``flush_secs``
+    among them): the logger of every run (``cli.trainer_defaults``; ``class_path: callbacks.RunLogger`` in a config).
+
+    jsonargparse reads a signature with ``**kwargs`` from the class's source (its AST resolver, ``ast.parse``) and,
+    when that raises, takes the parent's signature instead: fabric's, which requires ``root_dir``, so a config that
+    parsed a moment ago fails. CPython 3.11's ``ast.parse`` raises "AST constructor recursion depth mismatch" when a
+    traceback is printed in the middle of a parse (python/cpython#106905; 3.11 formats a traceback's carets with
+    ``ast.parse``, and the process prints many an ignored finalizer exception). A signature without ``**kwargs`` is read
+    without the source."""
+
+    def __init__(self, save_dir: Union[str, Path] = DEFAULT_SAVE_DIR, name: Optional[str] = DEFAULT_NAME,
+                 version: Optional[Union[int, str]] = None, log_graph: bool = False, default_hp_metric: bool = True,
+                 prefix: str = "", sub_dir: Optional[Union[str, Path]] = None, max_queue: int = 10, flush_secs: int = 120):
+        super().__init__(save_dir, name, version, log_graph, default_hp_metric, prefix, sub_dir, max_queue=max_queue,
+                         flush_secs=flush_secs)
+
+
+def is_tensorboard(logger) -> bool:
+    """Whether a config's logger ({class_path, init_args}) writes TensorBoard event files in its own folder."""
+    if not hasattr(logger, "init_args"):
+        return False
+    module, _, name = str(logger.class_path).rpartition(".")
+    found = getattr(importlib.import_module(module), name, None) if module else None
+    return isinstance(found, type) and issubclass(found, TensorBoardLogger)
+
+
 def name_run(config) -> None:
     """Fill in the run's folder (module docstring) in a fit config (a jsonargparse Namespace), in place."""
     logger = config.trainer.logger
-    if not hasattr(logger, "init_args") or not str(logger.class_path).endswith("TensorBoardLogger"):
+    if not is_tensorboard(logger):
         return  # another logger (or none) names its own run
     args = logger.init_args
     if config.trainer.default_root_dir is not None and args.save_dir in (None, DEFAULT_SAVE_DIR):

@@ -201,7 +201,7 @@ def test_ddp_on_two_cpu_processes_sees_disjoint_data_and_ends_with_identical_wei
                                "image_size": 32, "val_resize": 32, "num_workers": 1}},
         "trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_epochs": 2, "check_val_every_n_epoch": 2,
                     "num_sanity_val_steps": 0, "enable_progress_bar": False, "default_root_dir": str(tmp_path),
-                    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp_path)}},
+                    "logger": {"class_path": "callbacks.RunLogger", "init_args": {"save_dir": str(tmp_path)}},
                     "callbacks": [{"class_path": "tests.helpers.RecordBatches", "init_args": {"out_dir": str(record)}}]},
     }
     config_file = tmp_path / "ddp.yaml"
