@@ -122,11 +122,18 @@ def _seeds(grid: dict) -> str:
 
 
 def _from_checkpoints(groups: dict) -> list[tuple[int, str]]:
-    """(pre-training epoch, experiment) of the un-shuffled P-T experiments on the by-epoch arms' target (that of the
-    earliest start: a contrast target fine-tuned from the last checkpoint only is not one of them), by epoch."""
-    found = sorted({(g[0]["pretraining_epoch"], n, g[0]["target"]) for n, g in groups.items()
+    """(pre-training epoch, experiment) of the un-shuffled P-T experiments started from checkpoints of one pre-training
+    objective, on the by-epoch arms' target (that of the earliest start: a contrast target fine-tuned from the last
+    checkpoint only is not one of them), by epoch; [] when they all start at one epoch (a study that compares
+    objectives, as Table 2's, not checkpoints)."""
+    found = sorted({(g[0]["pretraining_epoch"], n, g[0]["target"], g[0].get("pretraining_objective") or "")
+                    for n, g in groups.items()
                     if g[0]["kind"] == "P-T" and not g[0]["block_shuffle"] and g[0]["pretraining_epoch"] is not None})
-    return [(epoch, name) for epoch, name, target in found if target == found[0][2]]
+    if not found:
+        return []
+    first = found[0][2:]
+    chosen = [(epoch, name) for epoch, name, *of in found if tuple(of) == first]
+    return chosen if len({epoch for epoch, _ in chosen}) > 1 else []
 
 
 def compared(groups: dict) -> dict:

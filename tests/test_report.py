@@ -174,6 +174,27 @@ def test_the_talks_findings_compare_p_t_and_ri_t_within_each_target_and_shufflin
     assert "RI-T's relative drop in test accuracy under block shuffling, against its un-shuffled run: 20.0 % at 4 px (sketch)" in text
 
 
+def test_which_checkpoint_transfers_best_compares_epochs_of_one_pretraining_not_objectives():
+    """Table 2's study fine-tunes every objective from its last checkpoint: no finding about checkpoints. The transfer
+    study's by-epoch arms start from one pre-training run at several epochs: compared by epoch, that objective's only."""
+    from study.finetuning import _groups, _summary, findings
+
+    def run(experiment, objective, epoch, acc):
+        return {"run": f"{experiment}/seed0", "experiment": experiment, "seed": 0, "kind": "P-T", "target": "sketch",
+                "block_shuffle": None, "pretraining_epoch": epoch, "pretraining_objective": objective, "measure": "top1",
+                "curve": {"accuracy": [(10, acc / 2), (20, acc)], "loss": [(20, 1.0)]}}
+
+    def said(runs):
+        groups = _groups(runs)
+        return "\n".join(findings(groups, {n: _summary(g) for n, g in groups.items()}, {"runs": runs, "barriers": [],
+                                                                                        "criticality": []}))
+
+    assert "Fine-tuned from pre-training epochs" not in said([run("softmax", "Softmax", 15, 0.86),
+                                                             run("squared_error", "SquaredError", 15, 0.15)])
+    text = said([run("p_t_epoch0", "Softmax", 0, 0.83), run("p_t", "Softmax", 15, 0.85), run("other", "SquaredError", 3, 0.2)])
+    assert "Fine-tuned from pre-training epochs 0, 15: the best start is epoch 15 (85.0 %)" in text
+
+
 def test_figure_5a_names_its_test_and_sets_only_the_papers_rho_beside_it(tmp_path):
     """The paper's p = 0.002 is not what scipy's test gives on its own nine points (p = 0.00024): the report gives
     the paper's ρ and says so, instead of setting two incomparable p-values side by side."""
