@@ -268,7 +268,7 @@ def findings(groups: dict, summaries: dict, transfer: dict) -> list[str]:
     lines += barrier_findings(transfer["barriers"])
     lines += criticality_findings(transfer["criticality"])
     lines += representation_findings(transfer.get("representations"), _kinds(transfer))
-    return lines + [""]
+    return lines + [""] if len(lines) > 2 else []  # no heading over no finding
 
 
 # --- figures ---
