@@ -32,7 +32,7 @@ from .launch import prepare_data, run_locally, submit_to_slurm
 from .passes import ComparisonError, pass_trainer
 from .plan import GridUnfinished, with_chosen_point
 from .report import ReportError, write_report
-from .runs import collect, collect_folder, run_states
+from .runs import Collected, RunState, collect, collect_folder, run_states
 from .spec import Study, StudyError, TransferPlan, check_grid, check_lambdas
 
 
@@ -57,7 +57,7 @@ def run(study: str, analyse_after: bool = True) -> None:
         print(f"{len(failed)} runs failed: {', '.join(s.run.name for s in failed)} (their output is above; the report "
               f"lists them as missing)", file=sys.stderr, flush=True)
     if analyse_after:
-        analyse(study)
+        analyse_planned(spec, states)
     if failed:
         sys.exit(1)
 
@@ -111,10 +111,16 @@ def analyse(study: str, accelerator: str = "auto", devices: str = "auto", num_no
         num_nodes: Trainer nodes.
     """
     spec = Study.load(study)
+    analyse_planned(spec, run_states(spec), accelerator, devices, num_nodes)
+
+
+def analyse_planned(spec: Study, states: dict[str, RunState], accelerator: str = "auto", devices: str = "auto",
+                    num_nodes: int = 1) -> None:
+    """``analyse`` of a study whose runs a command has planned (``run_states``): planned once per command."""
     trainer = pass_trainer(accelerator, devices, num_nodes)
-    cka, _ = analysis.analyse(spec, trainer, run_states(spec))
+    cka, _ = analysis.analyse(spec, trainer, states)
     if trainer.is_global_zero:  # every process took part in the passes; one writes the report
-        report(study, cka_file=str(spec.report / "cka.json") if cka else None)
+        write_study_report(str(spec.path), spec, collect(spec, states), cka_file=str(spec.report / "cka.json") if cka else None)
 
 
 def report(source: str, out: Optional[str] = None, cka_file: Optional[str] = None) -> None:
@@ -127,6 +133,12 @@ def report(source: str, out: Optional[str] = None, cka_file: Optional[str] = Non
     """
     spec = Study.load(source) if not Path(source).is_dir() else None
     collected = collect(spec, run_states(spec)) if spec else collect_folder(Path(source))
+    write_study_report(source, spec, collected, out, cka_file)
+
+
+def write_study_report(source: str, spec: Optional[Study], collected: Collected, out: Optional[str] = None,
+                       cka_file: Optional[str] = None) -> None:
+    """``report`` of runs already read (``collected``; ``spec``: their study, None for a folder of runs)."""
     folder = Path(out) if out else (spec.report if spec else Path(source) / "report")
     cka_path = Path(cka_file) if cka_file else folder / "cka.json"
     cka = json.loads(cka_path.read_text()) if cka_path.is_file() else None
