@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from .passes import instantiate_data
-from .plan import GridUnfinished, with_chosen_point, stages
+from .plan import GridUnfinished, stages, with_chosen_point
 from .runs import RunState
 from .spec import Study
 
