@@ -24,7 +24,7 @@ object, an occluding patch and pixel noise.
     fine-tuning target on which pre-training is built to help (Neyshabur et al.'s P-T against RI-T).
 
 The images are written to FFCV .beton files by the same writer as real data (``write_split``).
-Run ``python -m datamodules.shapes --root data/shapes`` to generate them by hand.
+Run ``python -m datamodules.convert shapes --root data/shapes`` to generate them by hand.
 """
 
 from __future__ import annotations
@@ -350,7 +350,7 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
             holdout_path=holdout_path,
             validation_split=validation_split,
             block_shuffle=block_shuffle,
-            make_hint=f"Generate it with `python -m datamodules.shapes --root {root}`.",
+            make_hint=f"Generate it with `python -m datamodules.convert shapes --root {root}`.",
         )
         self.root = Path(root)
         self.sizes = shapes_sizes(num_train, num_val, num_transfer_train, num_transfer_test, num_sketch_train)
