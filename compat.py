@@ -2,14 +2,21 @@
 
 Exact resume and preemption need a few things Lightning and FFCV keep private: how many batches of the
 epoch a restored run already trained on, the logger's step counter in a checkpoint, Lightning's SIGTERM
-flag, and FFCV's traversal order, epoch counter and decoding primitives. A new version may move any of
+flag, and FFCV's traversal order, epoch counter and decoding primitives; a failing data pipeline is told
+from a slow one by FFCV's decoding thread, its queue and its compiled stages. A new version may move any of
 them without notice; then these functions stop with a message naming what to re-check, instead of a run
 that resumes in the wrong place.
 """
 
 from __future__ import annotations
 
+import dis
+import itertools
+import sys
+import time
 from importlib.metadata import version
+from types import FrameType
+from typing import Callable, Iterator, Optional
 
 __all__ = [
     "batches_done_this_epoch",
@@ -19,6 +26,7 @@ __all__ = [
     "install_ffcv_order",
     "set_ffcv_epoch",
     "ffcv_decode_primitives",
+    "ffcv_batches",
     "reparse",
     "attached_trainer",
 ]
@@ -49,7 +57,7 @@ def _check_ffcv() -> None:
     if found not in FFCV_VERSIONS:
         raise RuntimeError(
             f"compat.py relies on private internals of ffcv {', '.join(FFCV_VERSIONS)} (the loader's traversal order and "
-            f"epoch counter, the JPEG decoding primitives), but ffcv {found} is installed. Install ffcv=={FFCV_VERSIONS[-1]}, "
+            f"epoch counter, the JPEG decoding primitives, its decoding thread and compiled stages), but ffcv {found} is installed. Install ffcv=={FFCV_VERSIONS[-1]}, "
             f"or check each ffcv function in compat.py against {found} and add it to FFCV_VERSIONS."
         )
 
@@ -130,3 +138,92 @@ def ffcv_decode_primitives():
     from ffcv.libffcv import imdecode, resize_crop
 
     return imdecode, resize_crop, IMAGE_MODES["jpg"]
+
+
+def ffcv_batches(loader, timeout: float, fail: Callable[[int, Optional[BaseException], Optional[tuple]], Exception]) -> Iterator:
+    """One pass of an FFCV loader, each batch waited for at most ``timeout`` seconds. FFCV 1.0.2 decodes in a thread
+    that dies silently when a pipeline stage raises, and its ``__next__`` then waits on an empty queue for ever: a
+    run that neither fails nor progresses. Here a dead thread, or no batch within ``timeout``, raises
+    ``fail(batch, exception, where)``: the index of the batch waited for in this pass, the thread's exception (None
+    for a thread still busy), and ``(field, operation)`` of the pipeline stage it raised in or is stuck in (None
+    when not known). The thread starts here, not at the first batch (``EpochAlignedLoader``'s inference mode)."""
+    _check_ffcv()
+    _record_ffcv_thread_failures()
+    epoch = iter(loader)
+    return _watched(loader, epoch, timeout, fail)
+
+
+def _watched(loader, epoch, timeout: float, fail) -> Iterator:
+    queue = epoch.output_queue
+    for index in itertools.count():
+        deadline = time.monotonic() + timeout
+        while queue.empty():
+            if not epoch.is_alive() and queue.empty():  # ended without its end-of-pass marker: it raised
+                failure = getattr(epoch, "failure", None)
+                raise fail(index, failure, _ffcv_stage(loader, _traceback_frames(failure))) from failure
+            if time.monotonic() > deadline:
+                where = _ffcv_stage(loader, _stack_frames(epoch.ident))
+                epoch.terminate_event.set()
+                raise fail(index, None, where)
+            with queue.not_empty:  # woken by the next put; the timeout covers a put between the test and the wait
+                queue.not_empty.wait(0.1)
+        batch = next(epoch, None)
+        if batch is None:
+            return
+        yield batch
+
+
+def _record_ffcv_thread_failures() -> None:
+    """Keep the exception that ends an FFCV decoding thread on it (``failure``), for the consuming thread to raise."""
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    run = EpochIterator.run
+    if getattr(run, "records_failure", False):
+        return
+
+    def run_recording_failure(self) -> None:
+        try:
+            run(self)
+        except BaseException as err:
+            self.failure = err
+
+    run_recording_failure.records_failure = True
+    EpochIterator.run = run_recording_failure
+
+
+def _traceback_frames(err: Optional[BaseException]) -> list[tuple[FrameType, int]]:
+    frames, tb = [], err.__traceback__ if err is not None else None
+    while tb is not None:
+        frames.append((tb.tb_frame, tb.tb_lasti))
+        tb = tb.tb_next
+    return frames  # outermost first
+
+
+def _stack_frames(thread_id: Optional[int]) -> list[tuple[FrameType, int]]:
+    frame, frames = sys._current_frames().get(thread_id), []
+    while frame is not None:
+        frames.append((frame, frame.f_lasti))
+        frame = frame.f_back
+    return frames[::-1]  # outermost first
+
+
+def _ffcv_stage(loader, frames: list[tuple[FrameType, int]]) -> Optional[tuple[str, object]]:
+    """(field, operation) whose call the innermost of FFCV's generated stage functions among ``frames`` was making.
+    FFCV compiles a pipeline into stage functions ``stage_code_<s>`` that call each operation's code as the global
+    ``code_<node id>``; the call in progress is the last such name loaded before the frame's current instruction."""
+    if loader.code is None:
+        return None
+    stages = {code.__code__ for code, _ in loader.code[0]}
+    for frame, offset in reversed(frames):
+        if frame.f_code not in stages:
+            continue
+        called = [ins.argval for ins in dis.get_instructions(frame.f_code)
+                  if ins.offset <= offset and ins.opname == "LOAD_GLOBAL" and str(ins.argval).startswith("code_")]
+        if not called:
+            return None
+        node = loader.graph.id_to_node[int(called[-1].removeprefix("code_"))]
+        operation = getattr(node, "operation", None) or getattr(node, "decoder", None)
+        while not hasattr(node, "field_name") and getattr(node, "parent", None) is not None:
+            node = node.parent  # a transform's field is its decoder's
+        return getattr(node, "field_name", "?"), operation
+    return None

@@ -3,19 +3,22 @@
 The whole data path in one place: FFCV decodes and augments uint8 images in its own threads, in the
 order ``epoch_shard`` gives this process; the batch is normalised in torch on the training device
 (``ImageClassificationData.on_after_batch_transfer``), so no cupy is needed. Loaders are built inside
-the ``*_dataloader`` hooks, where the DDP process group exists.
+the ``*_dataloader`` hooks, where the DDP process group exists. A pipeline stage that raises in FFCV's
+thread, or no batch within ``batch_timeout``, stops the run with an error naming the stage and the file
+(``compat.ffcv_batches``); FFCV alone would wait for the batch for ever.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from compat import install_ffcv_order, set_ffcv_epoch
+from compat import ffcv_batches, install_ffcv_order, set_ffcv_epoch
 
 from .beton import BetonError, beton_labels, recorded_measure
 from .image_data import EpochAlignedLoader, ImageClassificationData
+from .sources import DataError
 
 __all__ = ["FFCVImageDataModule"]
 
@@ -41,6 +44,9 @@ class FFCVImageDataModule(ImageClassificationData):
             processes of a node (best when the data fits in RAM); False uses FFCV's own per-process
             cache, which reads large pages and suits data larger than RAM.
         make_hint: how to create the .beton files, shown when one is missing.
+        batch_timeout: seconds to wait for a batch before the run stops with an error naming the file and the
+            pipeline stage that is stuck (a stage that raises stops it at once). It must cover the first batch
+            of a pass, which includes compiling the pipeline (seconds), and the slowest storage.
         **kwargs: the shared arguments of ``ImageClassificationData`` (batch size, augmentation, workers).
     """
 
@@ -50,13 +56,17 @@ class FFCVImageDataModule(ImageClassificationData):
         val_path: str,
         os_cache: bool = True,
         make_hint: str = "Convert your data with `python -m datamodules.convert --help`.",
+        batch_timeout: float = 600.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if not batch_timeout > 0:
+            raise ValueError(f"batch_timeout must be > 0 seconds, got {batch_timeout}.")
         self.train_path = train_path
         self.val_path = val_path
         self.os_cache = os_cache
         self.make_hint = make_hint
+        self.batch_timeout = batch_timeout
 
     def _path(self, source: str) -> str:
         return {"train": self.train_path, "val": self.val_path}.get(source, source)
@@ -67,11 +77,9 @@ class FFCVImageDataModule(ImageClassificationData):
     def source_labels(self, source: str) -> np.ndarray:
         return beton_labels(self._path(source), self.make_hint)
 
-    def _loader(self, source: str, train: bool, subset: Optional[np.ndarray] = None,
-                crop_ratio: Optional[float] = None, local: bool = False,
-                batch_size: Optional[int] = None) -> EpochAlignedLoader:
+    def pipelines(self, train: bool, crop_ratio: Optional[float] = None) -> dict[str, list]:
+        """FFCV's operations for each field of a pass: decode (and augment) to uint8, to torch, and on a GPU to it."""
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
-        from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
         from .seeded_augmentation import SeededHorizontalFlip, SeededRandomResizedCrop
@@ -84,8 +92,16 @@ class FFCVImageDataModule(ImageClassificationData):
             decode = [CenterCropRGBImageDecoder(size, ratio=crop_ratio or self.image_size / self.val_resize)]
         on_gpu = self.device.type == "cuda"
         to_device = [ToDevice(self.device, non_blocking=True)] if on_gpu else []
-        image = [*decode, ToTensor(), *to_device, ToTorchImage(channels_last=on_gpu)]
-        label = [IntDecoder(), ToTensor(), *to_device]  # (B, 1); flattened on the device
+        return {"image": [*decode, ToTensor(), *to_device, ToTorchImage(channels_last=on_gpu)],
+                "label": [IntDecoder(), ToTensor(), *to_device]}  # (B, 1); flattened on the device
+
+    def _loader(self, source: str, train: bool, subset: Optional[np.ndarray] = None,
+                crop_ratio: Optional[float] = None, local: bool = False,
+                batch_size: Optional[int] = None) -> EpochAlignedLoader:
+        from ffcv.loader import Loader, OrderOption
+
+        pipelines = self.pipelines(train, crop_ratio)
+        crop = pipelines["image"][0]  # the decoder, which crops (taken before FFCV's PipelineSpec pops it off the list)
         stored, indices = self.resolve(source)  # subset counts in the split, indices in the stored file
         subset = np.arange(len(self.labels(source))) if subset is None else np.asarray(subset)
         subset = subset if indices is None else indices[subset]
@@ -98,7 +114,7 @@ class FFCVImageDataModule(ImageClassificationData):
                 os_cache=self.os_cache,
                 order=OrderOption.SEQUENTIAL,  # replaced by this process's shard below
                 drop_last=train,
-                pipelines={"image": image, "label": label},
+                pipelines=pipelines,
             )
         except Exception as err:
             raise BetonError(f"Could not open {path} with FFCV ({type(err).__name__}: {err}). {self.make_hint}") from err
@@ -110,6 +126,32 @@ class FFCVImageDataModule(ImageClassificationData):
             order.skip = skip
             if train and self.augment:  # FFCV sizes its buffers at the start of every pass
                 res = self.train_resolution(epoch)
-                decoder.output_size = (res, res)
+                crop.output_size = (res, res)
 
-        return EpochAlignedLoader(loader, self, before_epoch, train)
+        return EpochAlignedLoader(_Watched(loader, path, self), self, before_epoch, train)
+
+
+class _Watched:
+    """An FFCV loader whose passes stop with a ``DataError`` instead of hanging (``compat.ffcv_batches``)."""
+
+    def __init__(self, loader, path: str, data: FFCVImageDataModule):
+        self.loader, self.path, self.data = loader, path, data
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        return ffcv_batches(self.loader, self.data.batch_timeout, self._error)
+
+    def _error(self, batch: int, failure: Optional[BaseException], where: Optional[tuple[str, object]]) -> DataError:
+        stage = f"the {where[0]} pipeline's {type(where[1]).__name__}" if where else "an unknown stage"
+        place = f"batch {batch} of this pass over {self.path} (epoch {self.data.current_epoch}, rank {self.data.rank})"
+        if failure is not None:
+            return DataError(
+                f"FFCV's decoding stopped at {place}: {stage} raised {type(failure).__name__}. The run stops here instead "
+                f"of waiting for the batch; checkpoints and logs written so far are kept. Fix that stage (or the file), then "
+                f"resume with --ckpt_path=last. {type(failure).__name__}: {failure}")
+        return DataError(
+            f"No batch from FFCV within {self.data.batch_timeout:g} s at {place}: its decoding thread is still in "
+            f"{stage}. The run stops here instead of waiting for ever; checkpoints and logs written so far are kept. If "
+            f"batches are this slow (slow storage, a large first batch), raise data.init_args.batch_timeout.")

@@ -309,6 +309,7 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
             a target of fine-tuning. Every other task is probed (``transfer_paths``).
         validation_split: validate on this fraction of the training images instead (``ImageClassificationData``).
         block_shuffle: block size of the block-shuffled images (``ImageClassificationData``); a divisor of 32.
+        batch_timeout: seconds to wait for a batch before the run stops with an error (``FFCVImageDataModule``).
     """
 
     def __init__(
@@ -331,6 +332,7 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
         task: Literal["shapes", "texture", "size", "new_shapes", "sketch"] = "shapes",
         validation_split: float | None = None,
         block_shuffle: int | None = None,
+        batch_timeout: float = 600.0,
     ):
         if task != "shapes" and task not in TASKS:
             raise ValueError(f"task must be 'shapes' (pre-training) or a transfer task of {', '.join(TASKS)}, got {task!r}.")
@@ -351,6 +353,7 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
             validation_split=validation_split,
             block_shuffle=block_shuffle,
             make_hint=f"Generate it with `python -m datamodules.convert shapes --root {root}`.",
+            batch_timeout=batch_timeout,
         )
         self.root = Path(root)
         self.sizes = shapes_sizes(num_train, num_val, num_transfer_train, num_transfer_test, num_sketch_train)

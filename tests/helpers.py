@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +15,9 @@ import numpy as np
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from datamodules import FFCVImageDataModule
+from ffcv.pipeline.operation import Operation
+
+from datamodules import EmbeddedShapesDataModule, FFCVImageDataModule
 from datamodules.beton import WriterSettings, write_split
 from datamodules.shapes import render_shapes
 from datamodules.sources import Split
@@ -127,3 +131,52 @@ class NanOnRank(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             batch[0].fill_(float("nan"))
+
+
+class FailAt(Operation):
+    """An FFCV stage that passes images through until the ``batch``-th batch it handles (counted from 0 over every
+    pass of its loader), where it raises (``hang_s`` 0) or sleeps ``hang_s`` seconds (a stage that hangs). With
+    ``typing_error``, a compiled stage that numba cannot type, from its first batch on (how the seeded crop failed)."""
+
+    def __init__(self, batch: int = 0, hang_s: float = 0.0, typing_error: bool = False):
+        super().__init__()
+        self.batch, self.hang_s, self.typing_error = batch, hang_s, typing_error
+        self.handled = 0
+
+    def generate_code(self):
+        if self.typing_error:
+            def untypable(images, dst):
+                return images.no_such_attribute
+
+            return untypable
+
+        def fail_at(images, dst):
+            self.handled += 1
+            if self.handled - 1 == self.batch:
+                if not self.hang_s:
+                    raise RuntimeError(f"FailAt: batch {self.batch}")
+                time.sleep(self.hang_s)
+            return images
+
+        return fail_at
+
+    def declare_state_and_memory(self, previous_state):
+        return replace(previous_state, jit_mode=self.typing_error), None
+
+
+class FailingShapes(EmbeddedShapesDataModule):
+    """The shapes data whose training pipeline, on rank ``rank`` only, has a ``FailAt(batch, hang_s)`` stage."""
+
+    def __init__(self, batch: int, hang_s: float = 0.0, rank: int = 0, root: str = "data/shapes", num_train: int = 8000,
+                 num_val: int = 2000, num_transfer_train: int = 2000, num_transfer_test: int = 2000,
+                 global_batch_size: int = 256, batch_timeout: float = 600.0):
+        super().__init__(root=root, num_train=num_train, num_val=num_val, num_transfer_train=num_transfer_train,
+                         num_transfer_test=num_transfer_test, global_batch_size=global_batch_size, batch_timeout=batch_timeout)
+        self.fail = {"batch": batch, "hang_s": hang_s}
+        self.failing_rank = rank
+
+    def pipelines(self, train, crop_ratio=None):
+        pipelines = super().pipelines(train, crop_ratio)
+        if train and self.rank == self.failing_rank:
+            pipelines["image"].insert(-1, FailAt(**self.fail))  # before ToTorchImage: a Python stage
+        return pipelines

@@ -1,6 +1,7 @@
 """The data side: the embedded data set, the .beton writer and checks, and the bad-input errors."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from datamodules.convert import folder
 from datamodules.shapes import NEW_SHAPES, NUM_COLOURS, SHAPES, SIZES, TASKS, TEXTURES, render_shapes, render_sketches
 
 from .helpers import ffcv_datamodule as datamodule
-from .helpers import StubTrainer, write_indexed_beton
+from .helpers import FailAt, StubTrainer, write_indexed_beton
 
 
 
@@ -105,6 +106,52 @@ def test_loader_yields_normalised_batches_of_the_written_images(tmp_path):
     assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
     assert labels.tolist() == list(range(8))  # sequential validation order, labels as written
     assert -3 < images.mean() < 3 and images.std() > 0.1
+
+
+def with_stage(data, stage: FailAt, at: int):
+    """``data`` whose training images pass through ``stage`` at position ``at`` of their pipeline."""
+    pipelines = data.pipelines
+
+    def with_it(train, crop_ratio=None):
+        ops = pipelines(train, crop_ratio)
+        if train:
+            ops["image"].insert(at, stage)
+        return ops
+
+    data.pipelines = with_it
+    return data
+
+
+def test_a_compiled_stage_that_fails_is_an_error_naming_it_and_the_file(tmp_path):
+    # FFCV's thread dies on the error; without the watch the first batch is waited for for ever (the pytest timeout).
+    beton = write_indexed_beton(tmp_path / "d.beton", 32)
+    data = with_stage(datamodule(beton, batch_timeout=120), FailAt(typing_error=True), at=1)  # after the decoder
+    data.setup("fit")
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"decoding stopped at batch 0 of this pass over .*d\.beton \(epoch 0, rank 0\): "
+                                        r"the image pipeline's FailAt raised TypingError") as raised:
+        next(iter(data.train_dataloader()))
+    assert time.monotonic() - started < 60, "found by the timeout, not by the thread's end"
+    assert "no_such_attribute" in str(raised.value) and "--ckpt_path=last" in str(raised.value)
+
+
+def test_a_stage_that_hangs_is_an_error_after_batch_timeout(tmp_path):
+    beton = write_indexed_beton(tmp_path / "d.beton", 32)
+    data = with_stage(datamodule(beton), FailAt(batch=5, hang_s=30), at=-1)  # batch 1 of the second pass
+    data.setup("fit")
+    loader = data.train_dataloader()
+    assert len(list(loader)) == 4  # the first pass compiles the pipeline (seconds)
+    data.batch_timeout = 1.0
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"No batch from FFCV within 1 s at batch 1 of this pass over .*d\.beton.*still in "
+                                        r"the image pipeline's FailAt.*batch_timeout"):
+        list(loader)
+    assert time.monotonic() - started < 10
+
+
+def test_batch_timeout_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="batch_timeout must be > 0 seconds, got 0"):
+        datamodule(tmp_path / "d.beton", batch_timeout=0)
 
 
 def test_num_classes_is_read_from_the_labels(tmp_path):

@@ -3,8 +3,10 @@
 import hashlib
 import json
 import math
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 import yaml
 
 import cli
+from datamodules import DataError
 from lightning_modules import objective_classes
 
 from .conftest import REPO
@@ -257,6 +260,20 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank_at_its_step(tmp_path, sha
     assert "Training loss became non-finite at step 2 " in done.stderr, done.stderr[-3000:]
 
 
+def test_a_data_stage_that_hangs_on_one_rank_ends_every_rank_with_a_failure(tmp_path, shapes_root):
+    # Rank 1's pipeline hangs at its third batch; rank 0 waits for it in the gradient all-reduce. Rank 1 stops after
+    # batch_timeout, and the launcher (torchrun here, srun --kill-on-bad-exit on SLURM) ends rank 0: a failure, not
+    # the 75 of a preemption, which SLURM's batch script would resume.
+    started = time.monotonic()
+    done = torchrun(*quickstart_args(tmp_path, shapes_root, NO_MEASUREMENTS, "--data.class_path=tests.helpers.FailingShapes",
+                                     "--data.init_args.batch=2", "--data.init_args.hang_s=600", "--data.init_args.rank=1",
+                                     "--data.init_args.batch_timeout=30"))
+    assert done.returncode not in (0, 75), done.stderr[-3000:]
+    assert re.search(r"No batch from FFCV within 30 s at batch 2 of this pass over .*train\.beton \(epoch 0, rank 1\): "
+                     r"its decoding thread is still in the image pipeline's FailAt", done.stderr), done.stderr[-3000:]
+    assert time.monotonic() - started < 200
+
+
 def test_measurements_do_not_depend_on_the_number_of_processes(tmp_path, shapes_root):
     # No training (max_steps=0): both measure the initial weights, the probes' split and calibration's halves included.
     args = quickstart_args(tmp_path / "two", shapes_root, "--trainer.max_steps=0")
@@ -356,3 +373,21 @@ def test_last_checkpoint_is_written_at_the_end_of_every_epoch(tmp_path, shapes_r
     run.trainer.callbacks.append(AtSecondEpoch())
     run.trainer.fit(run.model, datamodule=run.datamodule)
     assert written == [2]
+
+
+def test_a_data_stage_that_raises_ends_the_fit_and_keeps_what_was_written(tmp_path, shapes_root):
+    # Epoch 0's 16 batches train, checkpoint and log; the training pipeline raises at epoch 1's third batch.
+    # Without the watch (datamodules.FFCVImageDataModule.batch_timeout) FFCV's thread dies and the fit waits for ever.
+    failing = ["--data.class_path=tests.helpers.FailingShapes", "--data.init_args.batch=18",
+               "--data.init_args.batch_timeout=120", "--trainer.log_every_n_steps=1", NO_MEASUREMENTS]
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"decoding stopped at batch 2 of this pass over .*train\.beton \(epoch 1, rank 0\): "
+                                        r"the image pipeline's FailAt raised RuntimeError"):
+        fit(tmp_path, shapes_root, *failing, epochs=3)
+    assert time.monotonic() - started < 100, "found by the timeout, not by the thread's end"
+    folder = tmp_path / "softmax" / "seed0"
+    last = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (last["epoch"], last["global_step"]) == (0, 16)
+    logged = scalars(folder)
+    assert [step for step, _ in logged["val/acc1"]] == [15]  # Lightning's step of epoch 0's last batch
+    assert [step for step, _ in logged["train/loss"]] == list(range(18)), "every step trained before the error is logged"
