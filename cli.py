@@ -35,6 +35,7 @@ class TransferStudyCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.global_batch_size", "model.global_batch_size", apply_on="instantiate")
         parser.link_arguments("data.measure", "model.measure", apply_on="instantiate")  # Table A.2's, for fine-tuning
+        parser.link_arguments("data.channels_last", "model.channels_last", apply_on="instantiate")  # weights as batches
 
     names_run = True
 

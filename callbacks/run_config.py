@@ -46,7 +46,7 @@ EXECUTION_KEYS = {
     "trainer.limit_predict_batches", "trainer.fast_dev_run", "trainer.reload_dataloaders_every_n_epochs",
     "checkpoints",
     "model.compile",
-    "data.init_args.num_workers", "data.init_args.os_cache",
+    "data.init_args.num_workers", "data.init_args.os_cache", "data.init_args.batch_timeout", "data.init_args.channels_last",
 }
 PATH_KEYS = re.compile(r"^data\.init_args\.(\w+_path|root)$")  # the same data moved elsewhere is the same data
 

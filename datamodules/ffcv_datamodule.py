@@ -78,7 +78,7 @@ class FFCVImageDataModule(ImageClassificationData):
         return beton_labels(self._path(source), self.make_hint)
 
     def pipelines(self, train: bool, crop_ratio: Optional[float] = None) -> dict[str, list]:
-        """FFCV's operations for each field of a pass: decode (and augment) to uint8, to torch, and on a GPU to it."""
+        """FFCV's operations for each field of a pass: decode (and augment) to uint8, to torch, on a GPU to it."""
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
         from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
@@ -90,9 +90,8 @@ class FFCVImageDataModule(ImageClassificationData):
             decode = [decoder, SeededHorizontalFlip(self.seed)] if self.flip else [decoder]
         else:
             decode = [CenterCropRGBImageDecoder(size, ratio=crop_ratio or self.image_size / self.val_resize)]
-        on_gpu = self.device.type == "cuda"
-        to_device = [ToDevice(self.device, non_blocking=True)] if on_gpu else []
-        return {"image": [*decode, ToTensor(), *to_device, ToTorchImage(channels_last=on_gpu)],
+        to_device = [ToDevice(self.device, non_blocking=True)] if self.on_cuda else []
+        return {"image": [*decode, ToTensor(), *to_device, ToTorchImage(channels_last=self.uses_channels_last)],
                 "label": [IntDecoder(), ToTensor(), *to_device]}  # (B, 1); flattened on the device
 
     def _loader(self, source: str, train: bool, subset: Optional[np.ndarray] = None,

@@ -118,7 +118,7 @@ class ImageFolderDataModule(ImageClassificationData):
             num_workers=self.num_workers,
             collate_fn=_collate,
             drop_last=train,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.on_cuda,
             # Workers start afresh every pass, so they see this epoch's crop size.
             persistent_workers=False,
         )

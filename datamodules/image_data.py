@@ -128,6 +128,10 @@ class ImageClassificationData(L.LightningDataModule):
         measure: the task's accuracy measure (Table A.2): "top1", or "mean_per_class" (Pets, Flowers); by
             default the one its files record (the sidecar ``datamodules.convert`` writes), None if they record
             none. Validation reports it (``ObjectiveClassifier``); a fine-tuning target must have one.
+        channels_last: batches (and, linked in the CLI, the model's weights) in the channels_last layout, the one
+            cuDNN's convolutions are fastest in under bf16. None: on a GPU only. True runs that part of the fast
+            path on the CPU too, where a test can exercise it; the CUDA-only parts follow the device alone
+            (``on_cuda``).
     """
 
     def __init__(
@@ -149,6 +153,7 @@ class ImageClassificationData(L.LightningDataModule):
         block_shuffle: Optional[int] = None,
         augment: Optional[bool] = None,
         measure: Optional[Literal["top1", "mean_per_class"]] = None,
+        channels_last: Optional[bool] = None,
     ):
         super().__init__()
         if global_batch_size < 1:
@@ -184,6 +189,7 @@ class ImageClassificationData(L.LightningDataModule):
             raise ValueError("progressive_resolution schedules the size of the training crop; without augmentation "
                              "(augment=false, the default with block_shuffle) there is none: set augment=true or drop it.")
         self._measure = None if measure is None else check_measure(measure)
+        self.channels_last = channels_last
         self._held_out: Optional[tuple[np.ndarray, np.ndarray]] = None
         self._permutations: dict[tuple[int, torch.device], Tensor] = {}  # drawn once per size and device, not per batch
         self._mean = torch.tensor(mean).view(1, 3, 1, 1)
@@ -299,6 +305,17 @@ class ImageClassificationData(L.LightningDataModule):
         return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
 
     @property
+    def on_cuda(self) -> bool:
+        """Whether this process trains on a CUDA device: the one switch of the fast path's CUDA-only parts (FFCV's
+        ``ToDevice`` with non-blocking copies, pinned memory; cuDNN's benchmark mode is the trainer's)."""
+        return self.device.type == "cuda"
+
+    @property
+    def uses_channels_last(self) -> bool:
+        """Whether batches arrive in channels_last: ``channels_last``, by default on a GPU."""
+        return self.on_cuda if self.channels_last is None else self.channels_last
+
+    @property
     def current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
@@ -322,13 +339,14 @@ class ImageClassificationData(L.LightningDataModule):
         return self._permutations[key]
 
     def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
-        """Normalise uint8 images to float on the training device (channels_last on a GPU); labels to int64
-        of shape (B,), also for a last batch of one (FFCV gives (B, 1)), owned by the caller."""
+        """Normalise uint8 images to float on the training device (in channels_last when ``uses_channels_last``;
+        elementwise arithmetic keeps the layout); labels to int64 of shape (B,), also for a last batch of one (FFCV
+        gives (B, 1)), owned by the caller."""
         images, labels = batch
         if self._mean.device != images.device:  # moved once, not every batch
             self._mean, self._std = self._mean.to(images.device), self._std.to(images.device)
-        if images.is_cuda:
-            images = images.contiguous(memory_format=torch.channels_last)
+        if self.uses_channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)  # a no-op for FFCV's, which arrive in it
         images = (images.float() - self._mean) / self._std
         if self.block_shuffle is not None:  # after normalisation, as the authors' code does
             images = shuffle_blocks(images, self.block_shuffle, self._permutation(images.shape[-1] // self.block_shuffle, images.device))
@@ -344,10 +362,10 @@ def block_permutation(blocks_per_side: int, seed: int) -> Tensor:
 
 def shuffle_blocks(images: Tensor, block: int, permutation: Tensor) -> Tensor:
     """Images (N, C, H, W) cut into block x block squares, read row by row, and laid out again in the order
-    ``permutation``: output block k is input block permutation[k]."""
+    ``permutation``: output block k is input block permutation[k]. The output keeps the images' layout."""
     n, c, h, w = images.shape
     rows, cols = h // block, w // block
     blocks = images.reshape(n, c, rows, block, cols, block).permute(0, 1, 2, 4, 3, 5).reshape(n, c, rows * cols, block, block)
     blocks = blocks[:, :, permutation.to(images.device)]  # a no-op when it is there already
     out = blocks.reshape(n, c, rows, cols, block, block).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h, w)
-    return out.contiguous(memory_format=torch.channels_last) if images.is_cuda else out
+    return out.contiguous(memory_format=torch.channels_last) if images.is_contiguous(memory_format=torch.channels_last) else out

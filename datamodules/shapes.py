@@ -310,6 +310,7 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
         validation_split: validate on this fraction of the training images instead (``ImageClassificationData``).
         block_shuffle: block size of the block-shuffled images (``ImageClassificationData``); a divisor of 32.
         batch_timeout: seconds to wait for a batch before the run stops with an error (``FFCVImageDataModule``).
+        channels_last: batches and weights in channels_last; None: on a GPU (``ImageClassificationData``).
     """
 
     def __init__(
@@ -333,6 +334,7 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
         validation_split: float | None = None,
         block_shuffle: int | None = None,
         batch_timeout: float = 600.0,
+        channels_last: bool | None = None,
     ):
         if task != "shapes" and task not in TASKS:
             raise ValueError(f"task must be 'shapes' (pre-training) or a transfer task of {', '.join(TASKS)}, got {task!r}.")
@@ -354,6 +356,7 @@ class EmbeddedShapesDataModule(FFCVImageDataModule):
             block_shuffle=block_shuffle,
             make_hint=f"Generate it with `python -m datamodules.convert shapes --root {root}`.",
             batch_timeout=batch_timeout,
+            channels_last=channels_last,
         )
         self.root = Path(root)
         self.sizes = shapes_sizes(num_train, num_val, num_transfer_train, num_transfer_test, num_sketch_train)

@@ -173,6 +173,9 @@ class ObjectiveClassifier(L.LightningModule):
             measured at early epochs describes trained weights, not the initialisation; "none": constant.
         compile: ``torch.compile`` the network's forward (in place: checkpoints keep their keys). The
             first steps are slower while it compiles; worth it for long GPU runs.
+        channels_last: keep the network (and its EMA) in the channels_last layout, the one cuDNN's convolutions
+            are fastest in under bf16; None: on a GPU only. The CLI links it to ``data.channels_last``, which
+            gives the batches the same layout.
         lr_schedule: "warmup_exponential" (appendix A.1, above) or "cosine": warm-up, then cosine decay to 0 at
             the run's last step (fine-tuning, appendix A.3).
         init_from: fine-tune (Neyshabur et al.'s P-T): a pre-training checkpoint whose evaluated backbone (the
@@ -183,8 +186,7 @@ class ObjectiveClassifier(L.LightningModule):
             "mean_per_class" adds ``val/acc_mean_per_class`` to ``val/acc1`` (Pets, Flowers). A fine-tuning run
             (``init_from``, or the cosine schedule of appendix A.3) needs one: it is scored in it.
 
-    On a GPU the network is kept in channels_last, the layout cuDNN's convolutions are fastest in under
-    bf16 (the batches arrive in it from the data module); on the CPU nothing changes.
+    On a GPU the network is kept in channels_last (``channels_last``); on the CPU nothing changes unless asked.
     """
 
     def __init__(
@@ -209,6 +211,7 @@ class ObjectiveClassifier(L.LightningModule):
         lr_schedule: Literal["warmup_exponential", "cosine"] = "warmup_exponential",
         init_from: Optional[str] = None,
         measure: Optional[Literal["top1", "mean_per_class"]] = None,
+        channels_last: Optional[bool] = None,
     ):
         super().__init__()
         if num_classes < 2:
@@ -261,7 +264,9 @@ class ObjectiveClassifier(L.LightningModule):
     def configure_model(self) -> None:
         # Before the strategy moves the module and DDP builds its gradient buckets, which take the
         # parameters' layout as it is then. ``load_from_checkpoint`` calls this hook without a trainer.
-        if attached_trainer(self) is not None and isinstance(self.trainer.accelerator, CUDAAccelerator):
+        trainer = attached_trainer(self)
+        on_gpu = trainer is not None and isinstance(trainer.accelerator, CUDAAccelerator)
+        if trainer is not None and (on_gpu if self.hparams.channels_last is None else self.hparams.channels_last):
             for net in [self.network, self.ema]:
                 if net is not None:
                     net.to(memory_format=torch.channels_last)
