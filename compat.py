@@ -57,8 +57,9 @@ def _check_ffcv() -> None:
     if found not in FFCV_VERSIONS:
         raise RuntimeError(
             f"compat.py relies on private internals of ffcv {', '.join(FFCV_VERSIONS)} (the loader's traversal order and "
-            f"epoch counter, the JPEG decoding primitives, its decoding thread and compiled stages), but ffcv {found} is installed. Install ffcv=={FFCV_VERSIONS[-1]}, "
-            f"or check each ffcv function in compat.py against {found} and add it to FFCV_VERSIONS."
+            f"epoch counter, the JPEG decoding primitives, its decoding thread and compiled stages), but ffcv {found} is "
+            f"installed. Install ffcv=={FFCV_VERSIONS[-1]}, or check each ffcv function in compat.py against {found} and add "
+            f"it to FFCV_VERSIONS."
         )
 
 
