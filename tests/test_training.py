@@ -267,9 +267,9 @@ def test_a_data_stage_that_hangs_on_one_rank_ends_every_rank_with_a_failure(tmp_
     started = time.monotonic()
     done = torchrun(*quickstart_args(tmp_path, shapes_root, NO_MEASUREMENTS, "--data.class_path=tests.helpers.FailingShapes",
                                      "--data.init_args.batch=2", "--data.init_args.hang_s=600", "--data.init_args.rank=1",
-                                     "--data.init_args.batch_timeout=30"))
+                                     "--data.init_args.batch_timeout=20"))
     assert done.returncode not in (0, 75), done.stderr[-3000:]
-    assert re.search(r"No batch from FFCV within 30 s at batch 2 of this pass over .*train\.beton \(epoch 0, rank 1\): "
+    assert re.search(r"No batch from FFCV within 20 s at batch 2 of this pass over .*train\.beton \(epoch 0, rank 1\): "
                      r"its decoding thread is still in the image pipeline's FailAt", done.stderr), done.stderr[-3000:]
     assert time.monotonic() - started < 200
 
