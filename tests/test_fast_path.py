@@ -14,17 +14,10 @@ import torch
 from callbacks.preemption import Preempted
 
 from .helpers import SignalAt
+from .test_preemption import default_handlers  # noqa: F401  (autouse: the process's signal handlers back after each test)
 from .test_training import NO_MEASUREMENTS, assert_same_end, fit
 
 FAST = ["--trainer.precision=bf16-mixed", "--data.init_args.channels_last=true", "--model.compile=true"]
-
-
-@pytest.fixture(autouse=True)
-def default_handlers():
-    """A fit ended by Preempted leaves Preemption's inert handlers installed."""
-    yield
-    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class FastPathSeen(L.Callback):
