@@ -34,6 +34,17 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# torch with its CUDA libraries is about 6.5 GiB installed, and pip unpacks wheels in TMPDIR first:
+# say so up front rather than fail half-way through with pip's "No space left on device".
+need_gib=8
+for dir in "$VENV" "${TMPDIR:-/tmp}"; do
+  free_gib=$(( $(df -Pk "$dir" | awk 'NR==2 {print $4}') / 1024 / 1024 ))
+  if [ "$free_gib" -lt "$need_gib" ]; then
+    echo "setup: only $free_gib GiB free where $dir lies; the Python packages need about $need_gib GiB." >&2
+    echo "setup: free some space there, or point VENV (and TMPDIR) at a disk with room." >&2
+    exit 1
+  fi
+done
 echo "setup: installing Python packages into $VENV (a few minutes the first time)"
 pip_q() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 # torch first, from the pinned pair, so that nothing later pulls a different build.
