@@ -179,7 +179,8 @@ class LocalSlurm:
         self._wait(self.munge_socket.exists, 10, "munged did not create its socket")
 
     def _write_conf(self) -> None:
-        # cred_expire: a requeued job waits this long before it may start again (default 120 s).
+        # cred_expire: a requeued job waits this long before it may start again (default 120 s); and it
+        # starts at the scheduler's next periodic pass once eligible (sched_interval, default 60 s).
         if any(node.netns for node in self.nodes):
             # `ip netns exec` mounts a fresh /sys, without the cgroup hierarchy that slurmd's default
             # CgroupPlugin=autodetect looks for; cgroup/v1 starts without it (tests/netns.py).
@@ -211,6 +212,7 @@ SwitchType=switch/none
 MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 JobCompType=jobcomp/none
