@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from compat import ffcv_batches, install_ffcv_order, set_ffcv_epoch
+from compat import compile_ffcv_once, ffcv_batches, install_ffcv_order, set_ffcv_epoch
 
 from .beton import BetonError, beton_labels, recorded_measure
 from .image_data import EpochAlignedLoader, ImageClassificationData
@@ -99,6 +99,7 @@ class FFCVImageDataModule(ImageClassificationData):
                 batch_size: Optional[int] = None) -> EpochAlignedLoader:
         from ffcv.loader import Loader, OrderOption
 
+        compile_ffcv_once()  # a pass's first batch would otherwise compile its whole pipeline again (seconds)
         pipelines = self.pipelines(train, crop_ratio)
         crop = pipelines["image"][0]  # the decoder, which crops (taken before FFCV's PipelineSpec pops it off the list)
         stored, indices = self.resolve(source)  # subset counts in the split, indices in the stored file

@@ -108,6 +108,39 @@ def test_loader_yields_normalised_batches_of_the_written_images(tmp_path):
     assert -3 < images.mean() < 3 and images.std() > 0.1
 
 
+def test_a_pipeline_compiles_once_per_process_and_only_where_its_closure_values_match(tmp_path, monkeypatch):
+    """FFCV compiles every loader's pipeline afresh (seconds, where the batches take milliseconds); the data module
+    reuses a compiled function whose code and closure values are the same (``compat.compile_ffcv_once``)."""
+    import numba
+    from ffcv.pipeline.compiler import Compiler
+    from numba.core.dispatcher import Dispatcher
+
+    beton = write_indexed_beton(tmp_path / "d.beton", 32)
+    interned = numba.uint8[::1]  # one object process-wide, which FFCV itself marks read-only (a KeyError on reuse)
+
+    def one_pass(seed: int):
+        data = datamodule(beton, seed=seed)
+        data.setup("fit")
+        loader = data.train_dataloader()
+        images = torch.cat([data.on_after_batch_transfer(batch, 0)[0] for batch in loader])
+        stages = loader.loader.loader.code[0]  # FFCV's stage functions, which call the compiled operations by name
+        return images, {f for stage, _ in stages for f in stage.__globals__.values() if isinstance(f, Dispatcher)}
+
+    images, compiled = one_pass(seed=0)
+    again, compiled_again = one_pass(seed=0)
+    assert compiled_again == compiled  # the same functions: nothing was compiled again
+    torch.testing.assert_close(again, images, rtol=0, atol=0)
+    other, compiled_other = one_pass(seed=1)  # the seed is a closure value of the crop and of the flip
+    assert compiled_other != compiled and not torch.equal(other, images)
+
+    # FFCV's own compile, as the first loader of a process has it, gives the same batches.
+    monkeypatch.setattr(Compiler, "compile", classmethod(Compiler.compile.__func__.__wrapped__))
+    fresh, compiled_fresh = one_pass(seed=0)
+    assert compiled_fresh.isdisjoint(compiled)
+    torch.testing.assert_close(fresh, images, rtol=0, atol=0)
+    assert numba.uint8[::1] is interned and interned.mutable
+
+
 def with_stage(data, stage: FailAt, at: int):
     """``data`` whose training images pass through ``stage`` at position ``at`` of their pipeline."""
     pipelines = data.pipelines
