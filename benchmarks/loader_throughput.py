@@ -11,7 +11,10 @@ and worker count, and are interleaved in rounds so machine noise hits them alike
                        (``datamodules/seeded_augmentation.py``)
 - ``torchvision``:     ``ImageFolderDataModule`` (PIL decode in DataLoader worker processes)
 
-Also the writer: images/s and the file size with ffcv-imagenet's ResNet-50 settings.
+Also a pass's start-up, the wait for the first batch of a new loader: FFCV compiles the whole pipeline for
+every loader it builds, the data module once per process (``compat.compile_ffcv_once``); rounds interleave a
+loader compiled afresh with one reusing the compile. And the writer: images/s and the file size with
+ffcv-imagenet's ResNet-50 settings.
 
     python benchmarks/loader_throughput.py --images 1000 --batches 8 --repeats 3
 """
@@ -56,6 +59,18 @@ def images_per_second(loader, batches: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def first_batch_seconds(data, fresh: bool) -> float:
+    """Seconds from building the data module's training loader to its first batch, compiling its pipeline afresh
+    (what FFCV does for every loader) or reusing this process's compile."""
+    from ffcv.pipeline.compiler import Compiler
+
+    if fresh:  # FFCV's own compile back; the data module then installs a new, empty memo
+        Compiler.compile = classmethod(Compiler.compile.__func__.__wrapped__)
+    start = time.perf_counter()
+    next(iter(data.train_dataloader()))
+    return time.perf_counter() - start
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000)
@@ -96,6 +111,10 @@ def main():
         for _ in range(args.repeats):
             for name, loader in loaders.items():
                 rates[name].append(images_per_second(loader, args.batches))
+        startup = {"compiled afresh (FFCV)": [], "compile reused": []}
+        for _ in range(args.repeats):
+            for name, fresh in (("compiled afresh (FFCV)", True), ("compile reused", False)):
+                startup[name].append(first_batch_seconds(ffcv_data, fresh))
 
     print(f"\n{args.images} JPEGs 500x375 q90 ({jpeg_bytes / args.images / 1024:.0f} KiB each), batch {args.batch}, "
           f"{args.workers} workers, crop 224 + flip, {args.batches} timed batches x {args.repeats} rounds")
@@ -105,6 +124,9 @@ def main():
               f"(rounds: {', '.join(f'{x:.0f}' for x in r)})")
     print(f"FFCV data module vs torchvision fallback: {med['ffcv/datamodule'] / med['torchvision']:.2f}x")
     print(f"FFCV data module vs FFCV Loader directly: {med['ffcv/datamodule'] / med['ffcv/Loader']:.2f}x")
+    for name, seconds in startup.items():
+        print(f"first batch of a new loader, {name}: {statistics.median(seconds):.2f} s  "
+              f"(rounds: {', '.join(f'{x:.2f}' for x in seconds)})")
     print(f"writer (max side 500, q90, proportion 0.5): {write_rate:.0f} img/s; .beton {beton_bytes / 2**20:.1f} MiB "
           f"vs {jpeg_bytes / 2**20:.1f} MiB of JPEGs")
 
