@@ -16,6 +16,7 @@ import itertools
 import sys
 import time
 from importlib.metadata import version
+from queue import Full, Queue
 from types import FrameType
 from typing import Callable, Iterator, Optional
 
@@ -246,31 +247,36 @@ def ffcv_batches(loader, timeout: float, fail: Callable[[int, Optional[BaseExcep
 
 def _watched(loader, epoch, timeout: float, fail) -> Iterator:
     queue = epoch.output_queue
-    for index in itertools.count():
-        deadline = time.monotonic() + timeout
-        while queue.empty():
-            if not epoch.is_alive() and queue.empty():  # ended without its end-of-pass marker: it raised
-                failure = getattr(epoch, "failure", None)
-                raise fail(index, failure, _ffcv_stage(loader, _traceback_frames(failure))) from failure
-            if time.monotonic() > deadline:
-                where = _ffcv_stage(loader, _stack_frames(epoch.ident))
-                epoch.terminate_event.set()
-                raise fail(index, None, where)
-            with queue.not_empty:  # woken by the next put; the timeout covers a put between the test and the wait
-                queue.not_empty.wait(0.1)
-        batch = next(epoch, None)
-        if batch is None:
-            return
-        yield batch
+    try:
+        for index in itertools.count():
+            deadline = time.monotonic() + timeout
+            while queue.empty():
+                if not epoch.is_alive() and queue.empty():  # ended without its end-of-pass marker: it raised
+                    failure = getattr(epoch, "failure", None)
+                    raise fail(index, failure, _ffcv_stage(loader, _traceback_frames(failure))) from failure
+                if time.monotonic() > deadline:
+                    raise fail(index, None, _ffcv_stage(loader, _stack_frames(epoch.ident)))
+                with queue.not_empty:  # woken by the next put; the timeout covers a put between the test and the wait
+                    queue.not_empty.wait(0.1)
+            batch = next(epoch, None)
+            if batch is None:
+                return
+            yield batch
+    finally:  # a pass left before its end (limit_*_batches, max_steps, an error): stop FFCV's thread, which would
+        epoch.terminate_event.set()  # wait for ever to hand over its next batch or its end-of-pass marker
+        queue.left = True
 
 
 def _record_ffcv_thread_failures() -> None:
-    """Keep the exception that ends an FFCV decoding thread on it (``failure``), for the consuming thread to raise."""
+    """Keep the exception that ends an FFCV decoding thread on it (``failure``), for the consuming thread to raise;
+    and let a thread whose pass was left stop (``_LeavableQueue``)."""
+    from ffcv.loader import epoch_iterator
     from ffcv.loader.epoch_iterator import EpochIterator
 
     run = EpochIterator.run
     if getattr(run, "records_failure", False):
         return
+    epoch_iterator.Queue = _LeavableQueue
 
     def run_recording_failure(self) -> None:
         try:
@@ -280,6 +286,23 @@ def _record_ffcv_thread_failures() -> None:
 
     run_recording_failure.records_failure = True
     EpochIterator.run = run_recording_failure
+
+
+class _LeavableQueue(Queue):
+    """FFCV's queue of decoded batches, whose ``put`` without a timeout gives up once the consumer has left the pass
+    (``left``). FFCV's thread stops at a full queue when told to (``terminate_event``), but puts its end-of-pass
+    marker with no timeout: a pass left within a queue's length of its end kept its thread waiting for ever."""
+
+    left = False
+
+    def put(self, item, block: bool = True, timeout: Optional[float] = None) -> None:
+        if not block or timeout is not None:
+            return super().put(item, block, timeout)
+        while not self.left:
+            try:
+                return super().put(item, timeout=0.5)
+            except Full:
+                pass
 
 
 def _traceback_frames(err: Optional[BaseException]) -> list[tuple[FrameType, int]]:

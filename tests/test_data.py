@@ -1,6 +1,7 @@
 """The data side: the embedded data set, the .beton writer and checks, and the bad-input errors."""
 
 import json
+import threading
 import time
 
 import numpy as np
@@ -180,6 +181,24 @@ def test_a_stage_that_hangs_is_an_error_after_batch_timeout(tmp_path):
                                         r"the image pipeline's FailAt.*batch_timeout"):
         list(loader)
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("left_after", [1, 5])  # 8 batches, FFCV's queue holds 3: it fills, or its end marker waits
+def test_a_pass_left_before_its_end_stops_ffcvs_thread(tmp_path, left_after):
+    """Lightning leaves passes early (limit_*_batches, max_steps); FFCV's decoding thread then waited for ever to hand
+    over a batch or its end-of-pass marker, one thread more for every such pass."""
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    data = datamodule(write_indexed_beton(tmp_path / "d.beton", 64))
+    data.setup("fit")
+    before = {t for t in threading.enumerate() if isinstance(t, EpochIterator)}
+    batches = iter(data.val_dataloader())
+    for _ in range(left_after):
+        next(batches)
+    (thread,) = {t for t in threading.enumerate() if isinstance(t, EpochIterator)} - before
+    del batches
+    thread.join(timeout=10)
+    assert not thread.is_alive()
 
 
 def test_batch_timeout_must_be_positive(tmp_path):
