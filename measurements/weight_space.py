@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["bootstrap_barriers", "interpolate", "loss_barrier", "module_criticality", "noise_scales", "parameter_distance", "perturb",
-           "scaled_distance_sq"]
+__all__ = ["bootstrap_barriers", "interpolate", "loss_barrier", "module_criticality", "negative_variance", "noise_scales",
+           "parameter_distance", "perturb", "scaled_distance_sq"]
 
 
 def interpolate(a: dict[str, Tensor], b: dict[str, Tensor], lam: float) -> dict[str, Tensor]:
@@ -34,6 +34,13 @@ def interpolate(a: dict[str, Tensor], b: dict[str, Tensor], lam: float) -> dict[
         # at the ends, so the path's ends are the networks themselves.
         out[key] = torch.lerp(x, y.to(x.dtype), lam) if x.is_floating_point() else x.clone()
     return out
+
+
+def negative_variance(state: dict[str, Tensor]) -> bool:
+    """Whether a state dict's batch-norm variance (``running_var``) has a negative entry, as moments extrapolated
+    beyond [0, 1] can: that network is undefined (its normalisation divides by the variance's square root). Between
+    0 and 1 interpolated variances are convex combinations of variances, never negative."""
+    return any(bool((v < 0).any()) for k, v in state.items() if k.endswith("running_var"))
 
 
 def loss_barrier(lams: Sequence[float], values: Sequence[float]) -> float:

@@ -25,7 +25,7 @@ from torch.optim.swa_utils import update_bn
 from torchmetrics import Metric
 
 from measurements.accuracy import score_from_counts
-from measurements.weight_space import bootstrap_barriers, interpolate, loss_barrier
+from measurements.weight_space import bootstrap_barriers, interpolate, loss_barrier, negative_variance
 
 from .passes import (SPLITS, FixedImages, Loaded, Logits, check_comparable, data_module_of, load_network,
                      network_distance, pass_trainer, run_folder_of)
@@ -98,10 +98,13 @@ class InterpolationPath(L.LightningModule):
         start, end = (x.module.eval_network.state_dict() for x in (self.a, self.b))
         batches = list(self.trainer.datamodule.training_images(self.bn_images))
         self.paths = nn.ModuleDict({kind: nn.ModuleList() for kind in MOMENTS})
+        self.undefined = {kind: [] for kind in MOMENTS}  # points whose network has a negative batch-norm variance
         for kind in MOMENTS:
-            for lam in self.lambdas:
-                network = copy.deepcopy(self.a.module.eval_network)
-                network.load_state_dict(interpolate(start, end, lam))
+            for p, lam in enumerate(self.lambdas):
+                network, state = copy.deepcopy(self.a.module.eval_network), interpolate(start, end, lam)
+                network.load_state_dict(state)
+                if kind == "interpolated" and negative_variance(state):
+                    self.undefined[kind].append(p)
                 network.to(self.device)
                 if kind == "recomputed":  # the same images on every process, so every process gets the same moments
                     update_bn(batches, network)
@@ -123,8 +126,10 @@ class InterpolationPath(L.LightningModule):
                 labels, hits, losses = mine[:, 1].astype(np.int64), mine[:, 2:2 + points], mine[:, 2 + points:]
                 loss, error = losses.mean(0), 1 - np.array([score_from_counts(*class_sums(hits[:, p], labels), self.measure)
                                                             for p in range(points)])
+                loss[self.undefined[kind]] = error[self.undefined[kind]] = np.nan  # not the argmax of NaN logits (class 0)
                 self.results[kind][split] = {
                     "images": len(mine), "loss": loss.tolist(), "error": error.tolist(),
+                    "undefined_lambdas": [self.lambdas[p] for p in self.undefined[kind]],
                     "loss_barrier": loss_barrier(self.lambdas, loss), "error_barrier": loss_barrier(self.lambdas, error),
                     **bootstrap_barriers(self.lambdas, losses, hits, labels, self.measure, self.resamples, self.seed)}
 
@@ -171,6 +176,12 @@ def barrier_lines(barriers: list[dict]) -> list[str]:
                      f"({i['test']['loss_barrier']:.3f}) | {100 * r['test']['error_barrier']:.1f} "
                      f"{_interval(r['test'], 'error', 100, 1)} ({100 * i['test']['error_barrier']:.1f}) | "
                      f"{r['train']['loss_barrier']:.3f} ({i['train']['loss_barrier']:.3f}) | {b['distance']['all']:.2f} |")
+    undefined = [f"{b['a']} – {b['b']} at λ = {', '.join(f'{x:g}' for x in b['interpolated']['test']['undefined_lambdas'])}"
+                 for b in barriers if b["interpolated"]["test"].get("undefined_lambdas")]
+    if undefined:
+        lines += ["", f"With interpolated moments the path has no network at {'; '.join(undefined)}: an extrapolated "
+                      "batch-norm variance is negative there. Those points are left out of the figure (barriers are "
+                      "taken over λ in [0, 1], where no variance is negative)."]
     return lines + [""]
 
 
@@ -214,7 +225,9 @@ def figure_barriers(barriers: list[dict], path: Path) -> Path:
                 ax.axvline(0, color="grey", lw=0.5)
                 ax.axvline(1, color="grey", lw=0.5)
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle("Along θ(λ): BN moments recomputed (solid) or interpolated (dotted)")
+    gaps = any(b["interpolated"]["test"].get("undefined_lambdas") for b in barriers)
+    fig.suptitle("Along θ(λ): BN moments recomputed (solid) or interpolated (dotted)"
+                 + ("; dotted gaps: no network, an extrapolated BN variance < 0" if gaps else ""))
     return save_figure(fig, path)
 
 

@@ -1,6 +1,7 @@
 """Fine-tuning (P-T and RI-T) and the passes on its checkpoints: barriers with batch-norm recomputed, parameter
 distance, module criticality; on the embedded shapes data, end to end."""
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -16,7 +17,8 @@ from lightning_modules import ObjectiveClassifier
 from lightning_modules.classifier import PretrainingError
 from study.__main__ import analyse
 from measurements.cka import gram, unbiased_hsic
-from study.barriers import barrier
+from measurements.weight_space import interpolate, negative_variance
+from study.barriers import barrier, barrier_lines
 from study.cka import representations
 from study.criticality import criticality
 from study.passes import (ComparisonError, Loaded, Logits, check_comparable, data_module_of, distance, load_network, pass_images,
@@ -101,12 +103,20 @@ def test_p_t_starts_from_the_pretrained_ema_with_a_new_head_and_ri_t_from_fresh_
 def test_barriers_recompute_batch_norm_and_reproduce_their_ends(fine_tuned, shapes_root):
     _, folders = fine_tuned
     a, b = str(folders["p_t"]), str(folders["ri_t"])
-    lambdas = [0.0, 0.25, 0.5, 0.75, 1.0]
+    lambdas = [-2.0, 0.0, 0.25, 0.5, 0.75, 1.0, 3.0]
     found = barrier(a, b, lambdas, images=128, batch_size=64, bn_images=128)  # each checkpoint loaded once, one pass
     plain, recomputed = found["interpolated"], found["recomputed"]
     # lambda = 0 and 1 are the checkpoints themselves: their losses, evaluated directly.
-    for end, index in ((a, 0), (b, -1)):
+    for end, index in ((a, 1), (b, -2)):
         assert plain["test"]["loss"][index] == pytest.approx(direct_loss(end), rel=1e-6)
+    # Extrapolated moments are no network where a variance goes negative: no loss, no error (not class 0's).
+    ends = [load_network("x", run).module.eval_network.state_dict() for run in (a, b)]
+    undefined = [lam for lam in lambdas if negative_variance(interpolate(*ends, lam))]
+    assert undefined and plain["test"]["undefined_lambdas"] == undefined and recomputed["test"]["undefined_lambdas"] == []
+    for split, kind in itertools.product(("train", "test"), (plain, recomputed)):
+        for lam, loss, error in zip(lambdas, kind[split]["loss"], kind[split]["error"]):
+            assert np.isnan([loss, error]).all() == (kind is plain and lam in undefined), (split, lam)
+    assert "the path has no network at" in "\n".join(barrier_lines([found]))
     # Interpolated running moments fit neither network at the midpoint: the barrier comes out higher.
     assert plain["test"]["loss_barrier"] > recomputed["test"]["loss_barrier"]
     itself = barrier(a, a, lambdas, images=128, batch_size=64, bn_images=128)["recomputed"]

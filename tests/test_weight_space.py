@@ -14,7 +14,7 @@ from torch.optim.swa_utils import update_bn
 from datamodules import block_permutation, shuffle_blocks
 from datamodules.beton import WriterSettings
 from datamodules.convert import folder
-from measurements.weight_space import interpolate, loss_barrier, module_criticality, parameter_distance, perturb
+from measurements.weight_space import interpolate, loss_barrier, module_criticality, negative_variance, parameter_distance, perturb
 from study.criticality import Criticality
 from study.passes import LossSums
 from study.spec import StudyError, check_grid, check_lambdas
@@ -47,6 +47,19 @@ def test_interpolation_reproduces_both_ends_bit_for_bit_and_never_interpolates_t
     torch.testing.assert_close(interpolate(a, b, 2.0)["0.weight"], 2 * b["0.weight"] - a["0.weight"])  # extrapolated
     with pytest.raises(ValueError, match="one architecture"):
         interpolate(a, {k: v for k, v in b.items() if k != "0.bias"}, 0.5)
+
+
+def test_a_network_is_undefined_where_an_extrapolated_variance_is_negative():
+    a, b = bn_net(0).state_dict(), bn_net(1).state_dict()
+    var_a, var_b = a["1.running_var"].double().numpy(), b["1.running_var"].double().numpy()
+    found = []
+    for lam in np.linspace(-3, 4, 29):
+        brute = any((1 - lam) * x + lam * y < 0 for x, y in zip(var_a, var_b))
+        found.append(negative_variance(interpolate(a, b, lam)))
+        assert found[-1] == brute, lam
+        assert not (0 <= lam <= 1 and brute)
+    assert True in found and False in found
+    assert not negative_variance({"0.weight": -torch.ones(3)})  # only variances count
 
 
 def test_barrier_is_the_largest_rise_above_the_chord():
