@@ -227,7 +227,7 @@ def figure_barriers(barriers: list[dict], path: Path) -> Path:
     axes[0, 0].legend(fontsize=7)
     gaps = any(b["interpolated"]["test"].get("undefined_lambdas") for b in barriers)
     fig.suptitle("Along θ(λ): BN moments recomputed (solid) or interpolated (dotted)"
-                 + ("; dotted gaps: no network, an extrapolated BN variance < 0" if gaps else ""))
+                 + ("\ngaps in the dotted curves: no network there, an extrapolated BN variance is negative" if gaps else ""))
     return save_figure(fig, path)
 
 
